@@ -1,0 +1,157 @@
+"""The typed job config: one frozen dataclass per Hydra config group.
+
+A job YAML composes these groups (conf/<group>/*.yaml); `platform.config.load`
+turns the composed tree into a `JobConfig`, reporting every unknown key,
+wrong type and impossible combination at once. Derived numbers (world sizes,
+parallel degrees, gradient accumulation) are not stored here: `platform.plan`
+computes them from these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from model.config import DBRXConfig
+
+ModelConfig = DBRXConfig
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the job runs and how many nodes it may use."""
+
+    provider: str = "local"            # "local" (infra/local) or "aws" (infra/aws)
+    min_nodes: int = 1                 # the run keeps going down to this many nodes
+    max_nodes: int = 2                 # and grows back up to this many
+    gpus_per_node: int = 0             # 0: CPU nodes, one training worker per node
+    cpus_per_worker: int = 1
+    gpu_type: str = ""                 # e.g. "H100-SXM-80GB"; informs the plan only
+    gpu_memory_gb: float = 0.0         # usable memory per accelerator, for the fit check
+    peak_tflops_per_device: float = 0.0  # dense bf16 peak per GPU (0 on CPU: measured instead)
+    instance_type: str = "local"
+    price_per_node_hour: float = 0.0   # USD, for the plan's cost line
+    region: str = ""
+    spot: bool = False
+    ami: str = ""
+    subnet_id: str = ""
+    ray_address: str = ""              # "" starts/uses a local head; else an existing cluster
+    node_memory_mb: int = 3072         # local nodes only: memory cap per Ray node
+    node_object_store_mb: int = 300    # local nodes only: object store cap per Ray node
+    node_join_timeout_s: float = 180.0
+    keep_cluster: bool = False         # skip teardown at the end of the job
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One named source of a data mixture."""
+
+    name: str
+    path: str                          # directory, file, glob, or s3://bucket/prefix
+    format: str = "auto"               # auto | text | jsonl | parquet
+    text_field: str = "text"           # column/field holding the text (jsonl, parquet)
+    weight: float = 1.0
+    include: List[str] = field(default_factory=list)   # glob patterns kept inside a directory
+    exclude: List[str] = field(default_factory=list)   # glob patterns dropped inside a directory
+
+
+@dataclass(frozen=True)
+class CurriculumStage:
+    """From `start_step` on, sample sources with these weights (names -> weight)."""
+
+    start_step: int
+    weights: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: List[DataSource] = field(default_factory=list)
+    curriculum: List[CurriculumStage] = field(default_factory=list)
+    cache_dir: str = "~/.cache/dbrx-platform/data"
+    eval_fraction: float = 0.01        # fraction of documents held out for eval loss
+    num_tokenize_workers: int = 2
+    s3_endpoint_url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch_size: int = 8         # sequences per optimizer step, whatever the world size
+    micro_batch_size: int = 1          # sequences per worker per forward/backward
+    seq_len: int = 256
+    total_tokens: int = 0              # token budget; the number of steps follows from it
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    expert_parallel_size: int = 0      # 0: the largest allowed for each world size
+    max_expert_parallel_size: int = 0  # 0: no cap (up to the number of experts)
+    seed: int = 1234
+    max_failures: int = 3              # worker failures Ray Train restarts from
+    log_every_steps: int = 1
+    eval_every_steps: int = 50
+    eval_batches: int = 4
+    assumed_mfu: float = 0.4           # for the plan's step time on GPUs
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    uri: str = "~/.dbrx-platform/checkpoints"   # local directory or s3://bucket/prefix
+    every_steps: int = 50
+    keep_last: int = 3
+    s3_endpoint_url: Optional[str] = None
+    resume: bool = True                # autoresume from the job's latest committed checkpoint
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///~/.dbrx-platform/mlflow.db"
+    artifact_location: str = "~/.dbrx-platform/mlartifacts"
+    experiment: str = "dbrx"
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 5000
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    registered_model: str = "dbrx"
+    alias: str = "staging"
+    auto: bool = False                 # promote the final checkpoint when training ends
+    gate: bool = True                  # refuse a version whose held-out loss is worse
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None      # secret: never logged nor written to MLflow
+    model_alias: str = "staging"
+    num_replicas: int = 1
+    max_replicas: int = 1
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    max_tokens_limit: int = 512
+    start_after_training: bool = False
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# Keys whose values are secrets: redacted wherever a config is printed or logged.
+SECRET_KEYS = frozenset({"serve.api_key"})

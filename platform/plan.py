@@ -1,0 +1,217 @@
+"""The plan of a job: every number derived from its config, computed once.
+
+`make_plan(cfg)` is what `platform.submit` prints before anything is
+provisioned: the parallel layout at each allowed world size, parameters and
+FLOPs from the architecture, memory per accelerator broken down, step time
+and days to the token budget at a stated MFU, and what the cluster costs.
+Memory is an estimate from first principles (documented per term below), so
+that a config that cannot fit is refused before any node is paid for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from model.counting import active_params, param_counts, training_flops_per_token
+from platform.config.schema import JobConfig
+from platform.layout import Layout, allowed_layouts, workers_per_node
+
+GB = 1024 ** 3
+# CUDA context, NCCL buffers, allocator fragmentation: a fixed reserve per GPU.
+GPU_RUNTIME_RESERVE_GB = 3.0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per worker (one GPU, or one CPU node) in GB."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations_checkpointed: float
+    activations_full: float
+    runtime_reserve: float
+    activation_checkpointing: bool
+
+    @property
+    def total(self) -> float:
+        act = self.activations_checkpointed if self.activation_checkpointing else self.activations_full
+        return self.weights + self.gradients + self.optimizer + act + self.runtime_reserve
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    layout: Layout
+    memory: Memory
+    step_time_s: float | None        # None on CPU: no peak to scale by; MFU is measured instead
+    days_to_budget: float | None
+    cost_per_hour: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: str
+    provider: str
+    devices: str
+    params_total: int
+    params_active: int
+    flops_per_token: float
+    tokens_per_step: int
+    total_steps: int
+    precision: str
+    layouts: list[LayoutPlan]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    memory_limit_gb: float | None = None
+
+    @property
+    def memory_per_gpu_gb(self) -> float:
+        return max(l.memory.total for l in self.layouts)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_limit_gb is None or self.memory_per_gpu_gb <= self.memory_limit_gb
+
+    def to_json(self) -> dict:
+        return {
+            "job": self.job,
+            "provider": self.provider,
+            "devices": self.devices,
+            "params_total": self.params_total,
+            "params_active": self.params_active,
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_step": self.tokens_per_step,
+            "total_steps": self.total_steps,
+            "precision": self.precision,
+            "memory_per_gpu_gb": round(self.memory_per_gpu_gb, 3),
+            "memory_limit_gb": self.memory_limit_gb,
+            "fits": self.fits,
+            "layouts": [
+                {**asdict(l.layout), "data_parallel": l.layout.data_parallel,
+                 "memory_gb": {**asdict(l.memory), "total": round(l.memory.total, 3)},
+                 "step_time_s": l.step_time_s, "days_to_budget": l.days_to_budget,
+                 "cost_per_hour": l.cost_per_hour}
+                for l in self.layouts
+            ],
+            "skipped_world_sizes": [{"world_size": w, "reason": r} for w, r in self.skipped],
+        }
+
+
+def effective_precision(cfg: JobConfig) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if cfg.cluster.gpus_per_node > 0 else "fp32"
+
+
+def _memory(cfg: JobConfig, layout: Layout, precision: str) -> Memory:
+    m, t = cfg.model, cfg.train
+    counts = param_counts(m)
+    dense, experts = counts.dense, counts.experts // layout.expert_parallel
+    # bf16 mixed precision: bf16 weights and grads, fp32 master copy + Adam m, v.
+    # fp32: fp32 weights and grads, Adam m, v.
+    w_b, g_b, o_b = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+    # ZeRO partitions optimizer states (stage >= 1) and gradients (stage >= 2)
+    # over each parameter's data-parallel group: all workers for dense
+    # parameters, the replicas of the same experts for expert parameters.
+    def sharded(n_dense: float, n_expert: float, stage_needed: int) -> float:
+        if t.zero_stage >= stage_needed:
+            return n_dense / layout.world_size + n_expert / layout.expert_data_parallel
+        return n_dense + n_expert
+
+    weights = (dense + experts) * w_b
+    grads = sharded(dense, experts, 2) * g_b
+    optim = sharded(dense, experts, 1) * o_b
+    # Activations of one micro batch. Per token per block the backward pass keeps:
+    # the two norm inputs and outputs, QKV, attention output, output projection
+    # (~6 d + 2 kv_dim), router logits (E) and, for each of the k routed copies,
+    # the permuted input and output (2 d) plus the GLU's w1, v1 and product (3 ffn).
+    # SDPA's fused kernels keep O(seq) softmax statistics, ignored here.
+    tokens = t.micro_batch_size * t.seq_len
+    a_b = 2 if precision == "bf16" else 4
+    per_block = (6 * m.d_model + 2 * m.kv_dim + m.moe_num_experts
+                 + m.moe_top_k * (2 * m.d_model + 3 * m.ffn_hidden_size)) * tokens * a_b
+    logits = tokens * m.vocab_size * (a_b + 4)   # logits plus fp32 log-softmax for the loss
+    full = m.n_layers * per_block + logits
+    # With checkpointing only each block's input is kept, plus one block recomputed.
+    ckpt = m.n_layers * tokens * m.d_model * a_b + per_block + logits
+    reserve = GPU_RUNTIME_RESERVE_GB if cfg.cluster.gpus_per_node > 0 else 0.0
+    return Memory(weights / GB, grads / GB, optim / GB, ckpt / GB, full / GB, reserve,
+                  m.activation_checkpointing)
+
+
+def make_plan(cfg: JobConfig) -> Plan:
+    m, t, c = cfg.model, cfg.train, cfg.cluster
+    precision = effective_precision(cfg)
+    flops_per_token = training_flops_per_token(m, t.seq_len)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    total_steps = max(1, math.ceil(t.total_tokens / tokens_per_step))
+    allowed, skipped = allowed_layouts(cfg)
+    plans = []
+    for layout in allowed:
+        step_time = days = None
+        if c.gpus_per_node > 0 and c.peak_tflops_per_device > 0:
+            achieved = layout.world_size * c.peak_tflops_per_device * 1e12 * t.assumed_mfu
+            step_time = tokens_per_step * flops_per_token / achieved
+            days = step_time * total_steps / 86400
+        plans.append(LayoutPlan(layout, _memory(cfg, layout, precision), step_time, days,
+                                layout.nodes * c.price_per_node_hour))
+    devices = (f"{c.gpus_per_node} x {c.gpu_type or 'GPU'} per node" if c.gpus_per_node
+               else f"CPU, {workers_per_node(c)} worker per node")
+    return Plan(
+        job=cfg.name, provider=c.provider, devices=devices,
+        params_total=param_counts(m).total, params_active=active_params(m),
+        flops_per_token=flops_per_token, tokens_per_step=tokens_per_step,
+        total_steps=total_steps, precision=precision, layouts=plans, skipped=skipped,
+        memory_limit_gb=c.gpu_memory_gb if c.gpus_per_node > 0 else None,
+    )
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def render(plan: Plan, cfg: JobConfig) -> str:
+    """The plan as a human-readable block of text."""
+    t, c = cfg.train, cfg.cluster
+    lines = [
+        f"Plan for job '{plan.job}' on {plan.provider} ({c.instance_type}, {plan.devices})",
+        f"  nodes           {c.min_nodes}..{c.max_nodes} (elastic)",
+        f"  model           {_si(plan.params_total)} parameters total, {_si(plan.params_active)} "
+        f"active per token ({cfg.model.moe_top_k} of {cfg.model.moe_num_experts} experts)",
+        f"  compute         {_si(plan.flops_per_token)} training FLOPs per token at seq_len "
+        f"{t.seq_len}; precision {plan.precision}, ZeRO stage {t.zero_stage}",
+        f"  batch           {t.global_batch_size} sequences x {t.seq_len} tokens = "
+        f"{_si(plan.tokens_per_step)} tokens per step, {plan.total_steps:,} steps for "
+        f"{_si(t.total_tokens)} tokens",
+        "",
+        "  workers  nodes  EP  expert-DP  micro x accum   weights  grads  optim  act(ckpt/full)"
+        "   total GB   step s   days   $/hour",
+    ]
+    for lp in plan.layouts:
+        l, mem = lp.layout, lp.memory
+        step = f"{lp.step_time_s:8.2f}" if lp.step_time_s is not None else "     n/a"
+        days = f"{lp.days_to_budget:6.1f}" if lp.days_to_budget is not None else "   n/a"
+        lines.append(
+            f"  {l.world_size:7d}  {l.nodes:5d}  {l.expert_parallel:2d}  {l.expert_data_parallel:9d}"
+            f"  {l.micro_batch_size:5d} x {l.grad_accum:<5d}  {mem.weights:8.2f}  {mem.gradients:5.2f}"
+            f"  {mem.optimizer:5.2f}  {mem.activations_checkpointed:6.2f}/{mem.activations_full:<7.2f}"
+            f"  {mem.total:9.2f}  {step}  {days}  {lp.cost_per_hour:7.2f}")
+    if plan.skipped:
+        sizes = ", ".join(str(w) for w, _ in plan.skipped[:6])
+        more = f", ... ({len(plan.skipped)} in all)" if len(plan.skipped) > 6 else ""
+        lines.append(f"  skipped world sizes: {sizes}{more}; {plan.skipped[0][1]}. An elastic run "
+                     "uses the largest allowed size that the live nodes can hold.")
+    ckpt = "on" if cfg.model.activation_checkpointing else "off"
+    lines.append(f"  memory per worker: up to {plan.memory_per_gpu_gb:.2f} GB with activation "
+                 f"checkpointing {ckpt}" + (f" (limit {plan.memory_limit_gb:.0f} GB: "
+                                            f"{'fits' if plan.fits else 'DOES NOT FIT'})"
+                                            if plan.memory_limit_gb else ""))
+    if any(lp.step_time_s for lp in plan.layouts):
+        lines.append(f"  step time and days assume {t.assumed_mfu:.0%} MFU of "
+                     f"{c.peak_tflops_per_device:.0f} TFLOP/s per GPU")
+    else:
+        lines.append("  step time: measured during training (CPU workers have no rated peak)")
+    return "\n".join(lines)

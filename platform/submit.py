@@ -1,0 +1,53 @@
+"""`python -m platform.submit CONFIG [key=value ...] [--dry-run] [--json]`
+
+Composes and validates the job, prints its plan, and (without --dry-run)
+hands it to the controller, which provisions nodes, trains, promotes and
+tears down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from platform.errors import UserError, run_cli
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m platform.submit",
+        description="Plan and run a DBRX training job described by a Hydra config.",
+    )
+    parser.add_argument("config", help="job file, e.g. conf/local_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=1e-4")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    from platform.config import load_job
+    from platform.plan import make_plan, render
+
+    args = parse_args(argv)
+    cfg = load_job(args.config, args.overrides)
+    plan = make_plan(cfg)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(render(plan, cfg))
+    if not plan.fits:
+        raise UserError(f"the job needs {plan.memory_per_gpu_gb:.1f} GB per GPU but "
+                        f"cluster.gpu_memory_gb is {plan.memory_limit_gb:.0f}: turn on "
+                        "model.activation_checkpointing, lower train.micro_batch_size or "
+                        "train.seq_len, or add nodes")
+    if args.dry_run:
+        return 0
+    print("error: this build has no controller yet, so nothing was launched; "
+          "use --dry-run to plan", file=sys.stderr)
+    return 3
+
+
+if __name__ == "__main__":
+    run_cli(main)
