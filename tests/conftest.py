@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from typing import Iterator
 
 import pytest
 
@@ -26,3 +28,66 @@ def ray_local():
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- storage (S3 via moto)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of an in-memory S3-compatible server (moto) shared by the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Dummy AWS credentials, and none of the user's AWS config, so tests never reach real AWS."""
+    for var in (
+        "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+        "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def _s3_admin(s3_endpoint: str):
+    """A boto3 client for fixtures, with explicit dummy credentials (no environment)."""
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def s3_bucket(_s3_admin, aws_credentials: None) -> str:
+    """A fresh, empty bucket on the moto server; returns its name."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    _s3_admin.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request: pytest.FixtureRequest, tmp_path):
+    """An empty `platform.storage` Store: once a local folder, once an S3 prefix."""
+    from platform.storage import open_store
+
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/root", endpoint_url=request.getfixturevalue("s3_endpoint"))

@@ -1,0 +1,41 @@
+"""Checkpoints: complete and verified, or invisible.
+
+`CheckpointStore` commits, lists, verifies, downloads, protects and prunes a
+job's checkpoints on any `platform.storage` Store (local folder or S3); see
+`platform.checkpoint.store` for the commit protocol and how ranks cooperate.
+`save_tensors` / `load_tensors` give the world-size-independent tensor
+format, `rng_state` / `set_rng_state` the generator state, both pickle-free.
+Importing this package does not import torch.
+"""
+
+from platform.checkpoint.errors import (
+    CheckpointCommitError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
+from platform.checkpoint.manifest import MANIFEST_NAME, FileEntry, Manifest, Verify, parse_step_dir, step_dir
+from platform.checkpoint.rng import rng_state, set_rng_state
+from platform.checkpoint.store import CheckpointStore, CommittedCheckpoint, Staging
+from platform.checkpoint.tensors import load_tensors, read_tensor_index, save_tensors
+
+__all__ = [
+    "MANIFEST_NAME",
+    "CheckpointCommitError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
+    "CommittedCheckpoint",
+    "FileEntry",
+    "Manifest",
+    "Staging",
+    "Verify",
+    "load_tensors",
+    "parse_step_dir",
+    "read_tensor_index",
+    "rng_state",
+    "save_tensors",
+    "set_rng_state",
+    "step_dir",
+]
