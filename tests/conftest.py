@@ -24,7 +24,7 @@ def ray_local():
     """One small local Ray instance shared by the tests that need Ray."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
