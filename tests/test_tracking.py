@@ -1,0 +1,392 @@
+"""MLflow tracking against a real SQLite store: run lifecycle, secrets, the logger, plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from platform.config import JobConfig, TrackingConfig
+from platform.config.schema import CheckpointConfig, ClusterConfig, DataConfig, DataSource, ServeConfig
+from platform.tracking import (
+    ExpertLoadHistory, MetricsLogger, TrackingError, expert_load_heatmap, figure_png, finish_run,
+    max_load_ratio, resolve, run_url, start_or_resume_run,
+)
+from platform.tracking.run import JOB_TAG, SUPERSEDED_TAG
+
+SECRET = "sk-live-0123456789abcdef"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """A migrated, empty MLflow database: creating one takes seconds, copying it does not."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def make_cfg(tmp_path: Path, empty_store: Path, name: str = "tiny-job", **groups) -> JobConfig:
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        shutil.copy(empty_store, db)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{db}", artifact_location=str(tmp_path / "artifacts"))
+    return JobConfig(name=name, tracking=tracking, serve=ServeConfig(api_key=SECRET), **groups)
+
+
+@pytest.fixture
+def cfg(tmp_path, empty_store):
+    return make_cfg(tmp_path, empty_store)
+
+
+def mlflow_client(cfg):
+    from mlflow import MlflowClient
+
+    return MlflowClient(resolve(cfg.tracking).tracking_uri)
+
+
+def all_artifact_text(client, run_id: str, dest: Path) -> str:
+    local = Path(client.download_artifacts(run_id, "", str(dest)))
+    return "\n".join(p.read_text(errors="replace") for p in local.rglob("*") if p.is_file())
+
+
+def dead_port() -> int:
+    """A localhost port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- run lifecycle --------------------------------------------------------------------
+
+def test_restart_resumes_the_same_run_until_it_is_finished(cfg):
+    run_id = start_or_resume_run(cfg)
+    assert start_or_resume_run(cfg) == run_id          # restart: same run
+    client = mlflow_client(cfg)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags[JOB_TAG] == "tiny-job"
+    assert run.data.tags["mlflow.runName"] == "tiny-job"
+    assert run.data.tags["dbrx.code_version"]
+
+    # A failed driver leaves a FAILED run: resubmitting carries on in it.
+    assert finish_run(cfg, run_id, "FAILED")
+    assert start_or_resume_run(cfg) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    # Another job in the same experiment has its own run.
+    other = start_or_resume_run(cfg, "other-job")
+    assert other != run_id
+
+    # A finished job starts over in a new run.
+    assert finish_run(cfg, run_id, "FINISHED")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    fresh = start_or_resume_run(cfg)
+    assert fresh not in (run_id, other)
+
+
+def test_training_from_scratch_gets_a_new_run_and_retires_the_old(tmp_path, empty_store):
+    resuming = make_cfg(tmp_path, empty_store)
+    old = start_or_resume_run(resuming)
+    scratch = make_cfg(tmp_path, empty_store, checkpoint=CheckpointConfig(resume=False))
+    new = start_or_resume_run(scratch)
+    assert new != old
+    old_run = mlflow_client(scratch).get_run(old)
+    assert old_run.info.status == "KILLED" and old_run.data.tags[SUPERSEDED_TAG] == new
+    assert start_or_resume_run(resuming) == new       # resuming now continues the new one
+
+    # A failed run superseded by a fresh start is never resumed again.
+    assert finish_run(resuming, new, "FAILED")
+    newest = start_or_resume_run(scratch)
+    assert finish_run(resuming, newest, "FINISHED")
+    assert start_or_resume_run(resuming) not in (old, new, newest)
+
+
+def test_params_and_artifacts_hold_the_config_but_never_a_secret(cfg, tmp_path):
+    plan = {"tokens_per_step": 4096, "total_steps": 245, "note": f"served with key {SECRET}",
+            "layouts": [{"nodes": 1, "world_size": 1}]}
+    run_id = start_or_resume_run(cfg, plan=plan)
+    client = mlflow_client(cfg)
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert len(params) > 90                             # the whole config, past one 100-param batch
+    assert params["train.lr"] == "0.0003" and params["tracking.experiment"] == "dbrx"
+    assert params["serve.api_key"] == "***"
+    assert params["plan.tokens_per_step"] == "4096"
+    assert all(len(v) <= 6000 for v in params.values())
+
+    text = all_artifact_text(client, run_id, tmp_path / "download")
+    assert "tokens_per_step" in text and "train:" in text     # plan.json and config.yaml
+    everything = json.dumps([params, run.data.tags]) + text
+    assert SECRET not in everything
+
+
+def test_list_params_are_indexed_and_long_values_cut_to_mlflow_limit(tmp_path, empty_store):
+    sources = [DataSource(name="code", path="/data/code", exclude=[f"dir{i}/**" for i in range(900)]),
+               DataSource(name="prose", path=f"/data/prose?token={SECRET}")]
+    cfg = make_cfg(tmp_path, empty_store, data=DataConfig(sources=sources),
+                   cluster=ClusterConfig(tags={"cost center!": "ml"}))
+    run_id = start_or_resume_run(cfg)
+    params = mlflow_client(cfg).get_run(run_id).data.params
+    assert params["cluster.tags.cost center_"] == "ml"                # a name MLflow accepts
+    assert params["data.sources.0.name"] == "code" and params["data.sources.1.name"] == "prose"
+    assert params["data.sources.1.weight"] == "1.0"
+    assert len(params["data.sources.0.exclude"]) == 6000 and params["data.sources.0.exclude"].endswith("...")
+    assert params["data.sources.1.path"] == "/data/prose?token=***"   # a secret value anywhere
+    assert SECRET not in json.dumps(params)
+
+
+def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path):
+    port = dead_port()
+    cfg = JobConfig(name="j", tracking=TrackingConfig(tracking_uri=f"http://bob:pw@127.0.0.1:{port}",
+                                                      artifact_location=""))
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        start_or_resume_run(cfg, timeout_s=2)
+    assert time.monotonic() - started < 15
+    message = str(err.value)
+    assert f"127.0.0.1:{port}" in message and "unreachable" in message and "pw" not in message
+    assert finish_run(cfg, "0" * 32, timeout_s=1) is False     # a warning, not an exception
+
+
+def test_mlflow_http_client_is_set_to_fail_fast_unless_the_user_chose(monkeypatch):
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    from platform.tracking.store import fail_fast_http
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")     # recorded, so undone after
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "42")
+    fail_fast_http()
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0      # MLflow's default: 7, with backoff
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 42
+
+
+def test_run_url_for_a_server_and_for_a_local_store(cfg):
+    http = JobConfig(name="j", tracking=TrackingConfig(tracking_uri="https://bob:pw@mlflow.example:8443/",
+                                                       artifact_location=""))
+    link = run_url(http, "abc123", experiment_id="7")
+    assert link.url == "https://mlflow.example:8443/#/experiments/7/runs/abc123"
+    assert link.ui_command is None and str(link) == f"MLflow run: {link.url}"
+
+    run_id = start_or_resume_run(cfg)
+    exp_id = mlflow_client(cfg).get_run(run_id).info.experiment_id
+    local = run_url(cfg, run_id)
+    assert local.url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
+    store = resolve(cfg.tracking)
+    assert local.ui_command.startswith(f"mlflow ui --backend-store-uri {store.tracking_uri} ")
+    assert local.ui_command.endswith("--host 127.0.0.1 --port 5000")
+    assert local.ui_command in str(local) and local.url in str(local)
+
+
+def test_embedded_default_paths_are_made_absolute(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    store = resolve(TrackingConfig())
+    assert store.tracking_uri == f"sqlite:///{tmp_path}/.dbrx-platform/mlflow.db"
+    assert store.artifact_location == f"{tmp_path}/.dbrx-platform/mlartifacts"
+    assert resolve(TrackingConfig(tracking_uri="http://127.0.0.1:5000", artifact_location="")) \
+        .artifact_location is None
+
+
+# --- the logger -----------------------------------------------------------------------
+
+def timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def test_logged_metrics_params_tags_and_artifacts_arrive(cfg, tmp_path):
+    run_id = start_or_resume_run(cfg)
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    tracker = MetricsLogger(cfg, run_id, interval_s=0.2)
+    slowest = 0.0
+    for step in range(300):
+        slowest = max(slowest, timed(tracker.log_metrics, {"loss": 10.0 / (step + 1), "lr": 1e-3,
+                                                           "mfu": np.float32(0.25)}, step))
+    tracker.log_param("attempt_started_at", 0)
+    tracker.set_tag("note", f"uses {SECRET}")
+    tracker.log_artifact(str(note), "notes")
+    note.unlink()                                        # snapshotted: deleting it is fine
+    assert tracker.flush(30)
+    assert slowest < 0.05
+    client = mlflow_client(cfg)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(300))
+    assert {m.step: m.value for m in history}[9] == pytest.approx(1.0)
+    run = client.get_run(run_id)
+    assert run.data.metrics["mfu"] == pytest.approx(0.25)
+    assert run.data.params["attempt_started_at"] == "0"
+    assert run.data.tags["note"] == "uses ***"
+    assert [f.path for f in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
+    assert tracker.stats()["sent_metrics"] == 900
+    assert tracker.close()
+
+
+def test_events_are_numbered_counted_and_continue_after_a_restart(cfg, tmp_path):
+    run_id = start_or_resume_run(cfg)
+    first = MetricsLogger(cfg, run_id, interval_s=0.1)
+    first.event("restart", step=10, attempt=1)
+    first.event("node_lost", step=12, node="worker-3", api_key=SECRET)
+    assert first.close(30)
+
+    # The job restarts: a new rank 0, a new logger, the same run.
+    assert start_or_resume_run(cfg) == run_id
+    second = MetricsLogger(cfg, run_id, interval_s=0.1)
+    second.event("restart", step=20, attempt=2)
+    assert second.close(30)
+
+    client = mlflow_client(cfg)
+    run = client.get_run(run_id)
+    events = {k: json.loads(v) for k, v in run.data.tags.items() if k.startswith("event.")}
+    assert sorted(events) == ["event.0001.restart", "event.0002.node_lost", "event.0003.restart"]
+    assert events["event.0003.restart"]["attempt"] == 2 and events["event.0003.restart"]["step"] == 20
+    assert events["event.0002.node_lost"]["api_key"] == "***"
+    restarts = client.get_metric_history(run_id, "events.restart")
+    assert sorted((m.step, m.value) for m in restarts) == [(10, 1.0), (20, 2.0)]
+    lines = Path(client.download_artifacts(run_id, "events.jsonl", str(tmp_path))).read_text().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == [1, 2, 3]
+    assert SECRET not in "".join(lines)
+
+
+def test_records_mlflow_rejects_are_dropped_alone(cfg, caplog):
+    run_id = start_or_resume_run(cfg)
+    tracker = MetricsLogger(cfg, run_id, interval_s=0.1)
+    tracker.log_param("optimizer", "adamw")
+    assert tracker.flush(30)
+    tracker.log_param("optimizer", "sgd")                 # MLflow never changes a param
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 + step, "bad key!": 1.0, "words": "not a number"}, step)
+    assert tracker.flush(30)
+    client = mlflow_client(cfg)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1, 2, 3, 4]
+    assert client.get_run(run_id).data.params["optimizer"] == "adamw"
+    stats = tracker.stats()
+    assert stats["rejected"] == 6 and not stats["disabled"]     # 5 points of the bad key, the param
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 2 and any("bad key!" in m for m in refused)
+    assert any("not a number" in r.getMessage() for r in caplog.records)
+    tracker.close()
+
+
+def test_logger_calls_never_raise(cfg, tmp_path, caplog):
+    tracker = MetricsLogger(cfg, start_or_resume_run(cfg), interval_s=0.1)
+    tracker.log_artifact(str(tmp_path / "missing.bin"))
+    tracker.log_metrics(None)                             # a bug in the caller: reported, not raised
+    assert tracker.flush(30)
+    assert tracker.close()
+    tracker.log_metrics({"loss": 1.0}, 1)                 # after close: ignored
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "missing.bin" in messages and "log_metrics failed" in messages and "closed" in messages
+
+
+def test_buffer_stays_bounded_while_mlflow_is_down(caplog):
+    port = dead_port()
+    cfg = JobConfig(name="j", tracking=TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}",
+                                                      artifact_location=""))
+    tracker = MetricsLogger(cfg, "0" * 32, capacity=1000, interval_s=0.05, max_backoff_s=0.2)
+    slowest = 0.0
+    for step in range(2500):
+        slowest = max(slowest, timed(tracker.log_metrics, {"loss": float(step)}, step))
+        if step % 500 == 0:
+            time.sleep(0.2)                               # let the sender fail meanwhile
+    stats = tracker.stats()
+    assert slowest < 0.05
+    assert not stats["reachable"]
+    assert stats["queued_metrics"] == 1000                # full, and no fuller
+    assert stats["dropped_metrics"] + stats["queued_metrics"] + stats["inflight_metrics"] == 2500
+    assert stats["dropped_metrics"] >= 500
+    started = time.monotonic()
+    assert tracker.close(timeout=1) is False
+    assert time.monotonic() - started < 5
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in messages) == 1
+    assert sum("buffer is full" in m for m in messages) == 1
+    assert any("did not receive" in m for m in messages)
+
+
+# --- expert-load heatmaps -------------------------------------------------------------
+
+def _loads(steps: int, layers: int, experts: int, collapse_layer: int | None = None):
+    rng = np.random.default_rng(0)
+    loads = rng.dirichlet(np.full(experts, 200.0), size=(steps, layers))
+    if collapse_layer is not None:
+        loads[steps // 2:, collapse_layer] = 0.002
+        loads[steps // 2:, collapse_layer, 3] = 1.0
+    return loads
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _pixels(data: bytes, tmp_path: Path, name: str) -> np.ndarray:
+    import matplotlib.image
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    return matplotlib.image.imread(path)[..., :3]
+
+
+def test_heatmap_is_a_png_of_the_documented_size_that_shows_collapse(tmp_path):
+    balanced = figure_png(expert_load_heatmap(_loads(200, 6, 16)))
+    collapsed = figure_png(expert_load_heatmap(_loads(200, 6, 16, collapse_layer=2)))
+    # 6 layers: 4 panels a row at 400 px + a 100 px colorbar; 2 rows of (240 px for
+    # 16 experts + 40 px title) + a 60 px header.
+    assert _png_size(balanced) == _png_size(collapsed) == (1700, 620)
+    assert _png_size(figure_png(expert_load_heatmap(_loads(10, 1, 4)))) == (500, 200)
+
+    def count(rgb, colour):
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        red = (r > g + 0.25) & (r > b + 0.15)              # the RdBu_r map's overloaded end
+        blue = (b > r + 0.2) & (b > g + 0.1)               # and its starved end
+        return int((red if colour == "red" else blue).sum())
+
+    calm, hot = _pixels(balanced, tmp_path, "b.png"), _pixels(collapsed, tmp_path, "c.png")
+    # The collapsed layer: one expert row deep red, fifteen starved rows deep blue.
+    assert count(hot, "red") - count(calm, "red") > 1000
+    assert count(hot, "blue") - count(calm, "blue") > 10 * 1000
+    assert max_load_ratio(_loads(200, 6, 16, collapse_layer=2)) == pytest.approx(16 / 1.03, rel=0.01)
+
+
+def test_expert_load_history_keeps_bounded_memory_and_the_shape_of_the_run():
+    history = ExpertLoadHistory(capacity=64)
+    loads = _loads(10_000, 2, 8, collapse_layer=1)
+    for step in range(10_000):
+        history.add(step, loads[step] * 1000)            # token counts are normalised too
+    history.add(10_000, np.full((2, 8), np.nan))         # a diverged step: no data, no exception
+    steps, shares = history.arrays()
+    assert len(history) <= 64 and steps[0] == 0 and np.all(np.diff(steps) > 0)
+    assert np.allclose(np.nansum(shares, axis=-1), 1.0)
+    assert shares[0, 1].max() < 0.2 and shares[-2, 1, 3] > 0.9
+    assert max_load_ratio(history) == pytest.approx(8 / (1 + 7 * 0.002), rel=0.01)
+
+    restored = ExpertLoadHistory.from_state_dict(history.state_dict())   # saved with a checkpoint
+    for step in range(10_001, 12_000):
+        restored.add(step, loads[step % 10_000])
+        history.add(step, loads[step % 10_000])
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(restored.arrays(), history.arrays()))
+
+
+def test_expert_load_is_logged_as_a_png_artifact_and_a_metric(cfg, tmp_path):
+    run_id = start_or_resume_run(cfg)
+    tracker = MetricsLogger(cfg, run_id, interval_s=0.1)
+    history = {step: loads for step, loads in enumerate(_loads(50, 3, 8, collapse_layer=0))}
+    started = time.perf_counter()
+    tracker.log_expert_load(history, step=49)
+    assert time.perf_counter() - started < 0.05           # drawn in the background
+    assert tracker.close(60)
+    client = mlflow_client(cfg)
+    assert [f.path for f in client.list_artifacts(run_id, "expert_load")] == ["expert_load/step_00000049.png"]
+    png = Path(client.download_artifacts(run_id, "expert_load/step_00000049.png", str(tmp_path))).read_bytes()
+    assert _png_size(png) == (1300, 220)
+    assert client.get_run(run_id).data.metrics["expert_load.max_ratio"] == pytest.approx(8 / 1.014, rel=0.01)
