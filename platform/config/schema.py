@@ -39,8 +39,11 @@ class ClusterConfig:
     node_memory_mb: int = 3072         # local nodes only: memory cap per Ray node
     node_object_store_mb: int = 300    # local nodes only: object store cap per Ray node
     node_join_timeout_s: float = 180.0
+    resize_check_interval_s: float = 60.0   # how often a healthy run looks for nodes to grow onto
     keep_cluster: bool = False         # skip teardown at the end of the job
     tags: Dict[str, str] = field(default_factory=dict)
+    package_ref: str = ""              # aws: pip requirement nodes install ("": dbrx-platform==<version>)
+    terraform_vars: Dict[str, str] = field(default_factory=dict)  # more infra/<provider> variables
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class PromoteConfig:
     alias: str = "staging"
     auto: bool = False                 # promote the final checkpoint when training ends
     gate: bool = True                  # refuse a version whose held-out loss is worse
+    gate_tolerance: float = 0.0        # held-out loss increase (nats) the gate still accepts
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.02
     max_tokens_limit: int = 512
     start_after_training: bool = False
+    alias_poll_s: float = 5.0          # how often replicas re-resolve model_alias (rolling update)
+    replica_cpus: float = 1.0          # Ray resources reserved per replica
+    replica_gpus: float = 0.0          # > 0: replicas run on a GPU in bfloat16
 
 
 @dataclass(frozen=True)
