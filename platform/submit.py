@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from platform.errors import UserError, run_cli
 
@@ -44,9 +43,9 @@ def main(argv: list[str]) -> int:
                         "train.seq_len, or add nodes")
     if args.dry_run:
         return 0
-    print("error: this build has no controller yet, so nothing was launched; "
-          "use --dry-run to plan", file=sys.stderr)
-    return 3
+    from platform.controller.job import Controller
+
+    return Controller(cfg, plan).run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import Iterator
@@ -91,3 +92,50 @@ def any_store(request: pytest.FixtureRequest, tmp_path):
         return open_store(str(tmp_path / "store"))
     bucket = request.getfixturevalue("s3_bucket")
     return open_store(f"s3://{bucket}/root", endpoint_url=request.getfixturevalue("s3_endpoint"))
+
+
+# ----------------------------------------------------------------------------- promotion and serving
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory):
+    """A migrated, empty MLflow SQLite database to copy: creating one takes seconds, copying it not."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def commit_checkpoint():
+    """`commit(store, model, step, ...)`: see `commit_model_checkpoint`."""
+    return commit_model_checkpoint
+
+
+def commit_model_checkpoint(store, model, step: int, *, global_batch_size: int = 8, run_id: str = "",
+                            loss: float = 0.0):
+    """Commit `model`'s weights as a training checkpoint of `step` (platform.train.state's
+    layout: experts stored one tensor each, trainer.json), without DeepSpeed or optimizer state.
+
+    What promotion reads from a real run (consolidated_weights, read_trainer_state), made
+    in milliseconds, so promotion and serving tests need no training job.
+    """
+    from platform.checkpoint import save_tensors
+    from platform.train.state import TRAINER_FILE, TrainerState, _expert_key
+
+    experts = {id(p) for p in model.expert_parameters()}
+    weights = {}
+    for name, p in model.named_parameters():
+        if id(p) in experts:
+            for e, chunk in enumerate(p.detach().chunk(model.cfg.moe_num_experts, dim=0)):
+                weights[_expert_key(name, e)] = chunk.contiguous()
+        else:
+            weights[name] = p.detach()
+    staging = store.begin(step)
+    save_tensors(staging.path, "model-r00000", weights)
+    state = TrainerState(step=step, consumed_sequences=step * global_batch_size, adam_step=step, world_size=1,
+                         expert_parallel=1, tensor_sets=["model-r00000"], rng={},
+                         extra={"run_id": run_id, "loss": loss, "data_cache_key": "test"})
+    (staging.path / TRAINER_FILE).write_text(json.dumps(state.to_json()))
+    return store.commit(staging, {"step": step})

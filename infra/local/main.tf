@@ -51,6 +51,7 @@ resource "terraform_data" "node" {
       NODE_TAGS       = jsonencode(merge(var.tags, { job = var.job_name }))
       START_TIMEOUT_S = var.start_timeout_s
       FAIL_APPLY      = var.fail_apply ? "1" : "0"
+      CAPACITY_FILE   = var.capacity_exhausted_file
     }
   }
 

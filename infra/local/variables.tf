@@ -129,3 +129,9 @@ variable "fail_apply" {
   type        = bool
   default     = false
 }
+
+variable "capacity_exhausted_file" {
+  description = "Testing only: while this file exists, node creation fails as an EC2 capacity shortage would; lets a test take capacity away in the middle of a run."
+  type        = string
+  default     = ""
+}

@@ -36,6 +36,8 @@ class ClusterConfig:
     ami: str = ""
     subnet_id: str = ""
     ray_address: str = ""              # "" starts/uses a local head; else an existing cluster
+    head_port: int = 6379              # the local head's GCS port (ray_address "")
+    dashboard_port: int = 8265         # the local head's dashboard, on 127.0.0.1
     node_memory_mb: int = 3072         # local nodes only: memory cap per Ray node
     node_object_store_mb: int = 300    # local nodes only: object store cap per Ray node
     node_join_timeout_s: float = 180.0

@@ -63,6 +63,9 @@ def _check_cluster(cfg: JobConfig, bad) -> None:
             bad("cluster.region", "aws needs a region, e.g. cluster.region=us-east-1")
     if c.gpus_per_node > 0 and c.gpu_memory_gb <= 0:
         bad("cluster.gpu_memory_gb", "set the accelerator memory so the plan can check that the model fits")
+    for key in ("head_port", "dashboard_port"):
+        if not 1 <= getattr(c, key) <= 65535:
+            bad(f"cluster.{key}", f"{getattr(c, key)} is not a TCP port (1-65535)")
     if c.node_join_timeout_s <= 0:
         bad("cluster.node_join_timeout_s", f"must be positive, got {c.node_join_timeout_s}")
 

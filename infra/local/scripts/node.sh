@@ -76,6 +76,9 @@ start() {
     if [ "${FAIL_APPLY:-0}" = 1 ]; then
         die "InsufficientInstanceCapacity: no capacity for node $NODE_NAME on this host (simulated: fail_apply = true)"
     fi
+    if [ -n "${CAPACITY_FILE:-}" ] && [ -e "$CAPACITY_FILE" ]; then
+        die "InsufficientInstanceCapacity: no capacity for node $NODE_NAME on this host (simulated: $CAPACITY_FILE exists)"
+    fi
     [ -x "$RAY_BIN" ] || die "ray CLI not found or not executable at $RAY_BIN (variable ray_bin)"
     mkdir -p "$NODE_DIR"
     local log="$NODE_DIR/ray.log" tags=${NODE_TAGS:-"{}"} pid sid leader_start

@@ -1,0 +1,1 @@
+"""The job controller: provision, train, reconcile nodes, tear down."""

@@ -1,0 +1,71 @@
+"""Training progress from rank 0 to the submitting terminal.
+
+Rank 0 pushes (step, loss, tokens/s, world size) to a small named actor after
+every step; the driver polls it and draws a tqdm bar with an ETA. The actor
+is the only channel that works the same when the driver runs on the head
+and the workers on other nodes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    def __init__(self) -> None:
+        self.state = {"step": 0, "total": 0, "loss": None, "tokens_per_s": None, "world_size": 0,
+                      "updated": 0.0}
+
+    def update(self, step: int, total: int, loss: float, tokens_per_s: float, world_size: int) -> None:
+        self.state = {"step": step, "total": total, "loss": loss, "tokens_per_s": tokens_per_s,
+                      "world_size": world_size, "updated": time.time()}
+
+    def get(self) -> dict:
+        return self.state
+
+
+class ProgressBar:
+    """A tqdm bar in this process that follows a ProgressBoard until stopped."""
+
+    def __init__(self, name: str, total: int, start: int = 0, interval_s: float = 1.0) -> None:
+        self.name, self.total, self.interval_s = name, total, interval_s
+        self.board = ProgressBoard.options(name=name).remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True,
+                                        name="progress-bar")
+        self.last: Optional[dict] = None
+
+    def __enter__(self) -> "ProgressBar":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        ray.kill(self.board)
+
+    def _run(self, start: int) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, initial=start, unit="step", dynamic_ncols=True,
+                   desc="training", smoothing=0.1)
+        shown = start
+        while not self._stop.is_set():
+            try:
+                state = ray.get(self.board.get.remote(), timeout=10)
+            except Exception:  # the board restarts with the cluster; keep drawing
+                state = None
+            if state and state["step"]:
+                self.last = state
+                bar.update(max(0, state["step"] - shown))
+                shown = state["step"]
+                bar.set_postfix(loss=f"{state['loss']:.3f}", tok_s=f"{state['tokens_per_s']:.0f}",
+                                workers=state["world_size"], refresh=False)
+                bar.refresh()
+            self._stop.wait(self.interval_s)
+        bar.close()

@@ -1,0 +1,1 @@
+"""Training on Ray Train + DeepSpeed: engine, loop, world-size-independent state."""

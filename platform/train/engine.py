@@ -1,0 +1,145 @@
+"""DeepSpeed engine around the DBRX model, with expert parallelism.
+
+DeepSpeed reduces an expert gradient over the replicas of that expert (the
+expert-data-parallel group) and partitions ZeRO state per parameter group,
+but it only switches that logic on when the model contains one of its own
+`deepspeed.moe.layer.MoE` modules. Our dropless layer is not one (DeepSpeed's
+MoE has a capacity factor), so a parameter-free marker subclass is attached:
+the engine then builds its expert groups, and the optimizer's parameter
+groups are split with DeepSpeed's own `split_params_into_different_moe_groups_for_optimizer`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from platform.config.schema import JobConfig
+from platform.layout import Layout
+
+
+def lr_at(cfg: JobConfig, step: int, total_steps: int) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at the last step.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, total_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def ds_config(cfg: JobConfig, layout: Layout, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            # Required by DeepSpeed for MoE parameter groups under ZeRO-2.
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "reduce_scatter": True,
+        },
+        "steps_per_print": 2 ** 31,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _expert_marker(num_experts: int, ep_size: int) -> torch.nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    class DroplessExpertsMarker(MoE):
+        """Tells the DeepSpeed engine that this model has expert-parallel layers."""
+
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)  # no DeepSpeed MoE internals, no parameters
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups were made by expert_parallel_group() before the model
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("marker module; not callable")
+
+    return DroplessExpertsMarker()
+
+
+def expert_parallel_group(ep_size: int):
+    """Create DeepSpeed's expert and expert-data-parallel groups; the model's EP group.
+
+    With DeepSpeed's default ordering, ranks [0..ep) split one copy of the
+    experts, [ep..2ep) the next copy, and so on.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if not deepspeed.comm.is_initialized():  # adopt the process group Ray Train made
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(f"ep_size_{ep_size}") if ep_size > 1 else None
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not norms; then split expert parameters into their own groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine and what the loop needs beside it."""
+
+    engine: Any
+    model: torch.nn.Module
+    layout: Layout
+    bf16: bool
+
+    @property
+    def basic_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under DeepSpeed's wrappers (it holds Adam's state)."""
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+
+def build_engine(cfg: JobConfig, layout: Layout, model: torch.nn.Module,
+                 bf16: bool = False) -> Engine:
+    import deepspeed
+
+    t = cfg.train
+    if layout.expert_parallel > 1:  # at degree 1 experts are ordinary replicated weights
+        model.add_module("_deepspeed_experts_marker",
+                         _expert_marker(cfg.model.moe_num_experts, layout.expert_parallel))
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps, foreach=False,
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(cfg, layout, bf16),
+                                           dist_init_required=False)
+    return Engine(engine=engine, model=model, layout=layout, bf16=bf16)

@@ -1,0 +1,120 @@
+"""The training loop each Ray Train worker runs.
+
+One worker per GPU (or per CPU node). Every worker builds the same DeepSpeed
+engine for the layout of the current world size, resumes from the job's
+latest verified checkpoint (at any world size, see platform.train.state),
+reads its slice of each global batch, and checkpoints every N steps, when a
+preemption notice arrives, and at the end. Rank 0 logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from platform.config.schema import JobConfig
+from platform.train.collectives import mean_, sum_
+from platform.train.engine import Engine
+
+log = logging.getLogger("platform.train")
+
+class PreemptionWatch:
+    """Has this node been told it will be reclaimed? Checked once per step.
+
+    The node agent (the IMDS spot watcher on AWS, `platform.provision.preemption
+    notify` locally) writes a notice file in the node's directory and signals
+    registered workers; Ray Train runs this loop off the main thread, where no
+    signal handler can be installed, so the file is polled: one stat per step.
+    Each notice triggers one checkpoint.
+    """
+
+    def __init__(self) -> None:
+        from platform.provision import preemption
+
+        self._preemption = preemption
+        self._handled: Optional[float] = None
+        preemption.register_worker()
+
+    def pending(self) -> bool:
+        notice = self._preemption.pending_notice()
+        return notice is not None and notice.noticed_at != self._handled
+
+    def handled(self) -> None:
+        notice = self._preemption.pending_notice()
+        self._handled = notice.noticed_at if notice else None
+
+    def close(self) -> None:
+        self._preemption.unregister_worker()
+
+
+@dataclass
+class StepStats:
+    loss: float
+    lm_loss: float
+    lb_loss: float
+    z_loss: float
+    grad_norm: float
+    expert_counts: torch.Tensor      # (layers, experts), summed over the global batch
+
+
+def training_loss(model, tokens: torch.Tensor, cfg: JobConfig):
+    """Next-token loss of packed sequences [micro, seq_len+1] plus weighted aux losses."""
+    out = model(tokens[:, :-1])
+    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss = lm + cfg.model.moe_loss_weight * out.lb_loss
+    if cfg.model.moe_z_loss_weight:
+        loss = loss + cfg.model.moe_z_loss_weight * out.z_loss
+    return loss, lm, out
+
+
+def train_step(eng: Engine, micro_batches: list[torch.Tensor], cfg: JobConfig,
+               device: torch.device) -> StepStats:
+    """One optimizer step over this worker's micro batches; statistics averaged globally."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    counts = None
+    for mb in micro_batches:
+        loss, lm, out = training_loss(eng.engine, mb.to(device), cfg)
+        eng.engine.backward(loss)
+        eng.engine.step()
+        sums += torch.tensor([loss.item(), lm.item(), out.lb_loss.item(), out.z_loss.item()],
+                             dtype=torch.float64)
+        c = out.expert_counts.detach().cpu()
+        counts = c if counts is None else counts + c
+    sums = mean_(sums / len(micro_batches))
+    sum_(counts)
+    grad_norm = eng.engine.get_global_grad_norm()
+    return StepStats(*sums.tolist(), grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+                     expert_counts=counts)
+
+
+@torch.no_grad()
+def evaluate(eng: Engine, data, cfg: JobConfig, rank: int, world_size: int,
+             device: torch.device) -> Optional[float]:
+    """Mean next-token loss over the held-out batches (same on every rank)."""
+    eng.engine.eval()
+    total, n = torch.zeros(2, dtype=torch.float64), 0
+    for micro_batches in data.eval_batches(rank, world_size):
+        for mb in micro_batches:
+            _, lm, _ = training_loss(eng.engine, mb.to(device), cfg)
+            total += torch.tensor([lm.item(), 1.0], dtype=torch.float64)
+            n += 1
+    eng.engine.train()
+    sum_(total)
+    return float(total[0] / total[1]) if total[1] else None
+
+
+def measured_peak_flops(seconds: float = 0.3) -> float:
+    """This worker's fp32 matrix-multiply FLOP/s: the CPU denominator of MFU."""
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)

@@ -1,0 +1,128 @@
+"""Helpers for end-to-end tests that run `python -m platform.submit` for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "conf" / "local_tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """One submission of local_tiny in its own state dir, head port and dashboard port."""
+
+    def __init__(self, home: Path, *overrides: str, name: str = "e2e") -> None:
+        self.home, self.name = Path(home), name
+        self.ports = [f"cluster.head_port={free_port()}", f"cluster.dashboard_port={free_port()}"]
+        self.overrides = [f"name={name}", *self.ports, *overrides]
+        self.log = self.home / f"submit-{int(time.time() * 1000)}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "DBRX_PLATFORM_HOME": str(self.home), "OMP_NUM_THREADS": "1"}
+
+    def start(self, *extra: str) -> "Job":
+        self.home.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "platform.submit", str(TINY), *self.overrides, *extra],
+            cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait(self, timeout: float = 1200) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"submit did not finish in {timeout}s; log:\n{self.output()[-4000:]}")
+
+    def run(self, *extra: str, timeout: float = 1200) -> int:
+        return self.start(*extra).wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    # -- what the job left behind ----------------------------------------------
+
+    def mlflow(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=f"sqlite:///{self.home}/mlflow.db")
+
+    def run_info(self):
+        client = self.mlflow()
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.`dbrx.job_name` = '{self.name}'", order_by=["start_time DESC"])
+        assert runs, f"no MLflow run for job {self.name}"
+        return runs[0]
+
+    def metric(self, key: str) -> dict[int, float]:
+        """step -> value (the last logged value of each step: a resumed run re-logs steps)."""
+        history = self.mlflow().get_metric_history(self.run_info().info.run_id, key)
+        out: dict[int, float] = {}
+        for m in sorted(history, key=lambda m: (m.timestamp, m.step)):
+            out[m.step] = m.value
+        return out
+
+    def checkpoint_dir(self) -> Path:
+        return self.home / "checkpoints" / self.name
+
+    def committed_steps(self) -> list[int]:
+        return sorted(int(p.name.split("_")[1]) for p in self.checkpoint_dir().glob("step_*")
+                      if (p / "manifest.json").exists())
+
+    def worker_pids(self) -> list[int]:
+        """Ray Train worker processes of this job (found by its state dir in their environment)."""
+        import psutil
+
+        pids = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "RayTrainWorker" in cmd and proc.environ().get("DBRX_PLATFORM_HOME") == str(self.home):
+                    pids.append(proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return pids
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def unigram_entropy(home: Path, split: str = "eval") -> float:
+    """Entropy (nats) of the token distribution of the prepared corpus's `split`."""
+    from platform.config import load_job
+    from platform.data.prepare import find_prepared
+
+    os.environ["DBRX_PLATFORM_HOME"] = str(home)
+    cfg = load_job(TINY)
+    prepared = find_prepared(cfg.data, cfg.model.vocab_size)
+    tokens = np.concatenate([np.fromfile(prepared.stream_path(n, split), dtype="<u4")
+                             for n in prepared.source_names])
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
