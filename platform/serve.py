@@ -1,0 +1,64 @@
+"""`python -m platform.serve CONFIG [key=value ...] [--alias A | --version V | --checkpoint PATH]`
+
+Starts the OpenAI-compatible endpoint (platform.serving) for the job's
+registered model on serve.host:serve.port (127.0.0.1 unless configured),
+prints its base URL and serves until Ctrl-C. With an alias (the default is
+serve.model_alias) replicas follow it: promoting a new version switches the
+endpoint over without failing requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from platform.errors import run_cli
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m platform.serve",
+                                     description="Serve a job's model over the OpenAI HTTP API.")
+    parser.add_argument("config", help="job file, e.g. conf/local_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. serve.port=8080")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--alias", help="registry alias to serve and follow (default: serve.model_alias)")
+    which.add_argument("--version", help="registry version to serve")
+    which.add_argument("--checkpoint", help="local folder: a version / HF export or a training checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    import ray
+
+    from platform.config import load_job
+    from platform.serving import start_serving, stop_serving
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_job(args.config, args.overrides)
+    owns_ray = not ray.is_initialized()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serving = start_serving(cfg, alias=args.alias, version=args.version, checkpoint=args.checkpoint)
+        key = " (Authorization: Bearer $DBRX_SERVE_API_KEY)" if cfg.serve.api_key else ""
+        print(f"serving {serving.source.describe()} as model {serving.model!r}\n"
+              f"OpenAI base URL: {serving.base_url}{key}\nCtrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping", file=sys.stderr, flush=True)
+        if ray.is_initialized():
+            stop_serving()
+            if owns_ray:
+                ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,404 @@
+"""The Ray Serve application: OpenAI's HTTP API over a DBRX model, batched with @serve.batch.
+
+Routes (FastAPI ingress):
+    GET  /health                 liveness + the version being served (no key needed)
+    GET  /v1/models              the served model
+    GET  /v1/models/{id}
+    POST /v1/completions         prompt(s) -> text; `stream: true` for SSE
+    POST /v1/chat/completions    messages (ChatML, platform.serving.chat) -> reply; SSE too
+
+Every response from the model carries `x-model-version` (the registry version,
+or step-<N> for a checkpoint path) and `system_fingerprint` says the same.
+Requests are validated completely before they are queued, so one bad request
+can only ever fail itself: a batch holds valid requests only.
+
+Batching: `generate` is an @serve.batch async generator: Serve gathers up to
+serve.max_batch_size requests (waiting at most serve.batch_wait_timeout_s),
+the batch decodes in lock step (platform.serving.engine) in a worker thread,
+one token per step, and each request's stream receives its own tokens as they
+are produced. Requests arriving during a batch form the next one.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based ingress rewrites the route
+# methods' signatures, and FastAPI must see real classes (Request) in them, not strings.
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from platform.serving import chat
+from platform.serving.auth import ApiKeyCheck
+from platform.serving.engine import BatchDecoder, GenerationRequest, SamplingParams, plan_groups
+from platform.serving.errors import SERVER_ERROR, APIError, from_validation, invalid, model_not_found
+from platform.serving.loader import AliasWatcher, LoadedModel, ModelLoader, ServerSettings
+from platform.serving.openai_schema import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    ChatDelta, Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage,
+)
+from platform.serving.streaming import DONE, merge, sse
+from platform.serving.text import TextStream
+
+log = logging.getLogger("platform.serving")
+
+VERSION_HEADER = "x-model-version"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+api = FastAPI(title="dbrx-platform OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods answer in OpenAI's error shape too."""
+    if exc.status_code == 404:
+        error = APIError(404, f"Unknown request URL: {request.method} {request.url.path}.",
+                         code="unknown_url")
+    elif exc.status_code == 405:
+        error = APIError(405, f"Method {request.method} is not allowed for {request.url.path}.",
+                         code="method_not_allowed")
+    else:
+        error = APIError(exc.status_code, str(exc.detail))
+    return JSONResponse(error.body(), status_code=error.status, headers=getattr(exc, "headers", None))
+
+
+def _json(payload: BaseModel, loaded: LoadedModel) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json",
+                    headers={VERSION_HEADER: loaded.version})
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"Request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"Request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+    return body
+
+
+def _parse(schema: type[BaseModel], body: bytes):
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+def _fingerprint(loaded: LoadedModel) -> str:
+    return f"{loaded.model_id}-v{loaded.version}"
+
+
+def _usage(gens: Sequence[GenerationRequest], results: Sequence[tuple[str, int, str]]) -> Usage:
+    prompt = sum(len(g.prompt_ids) for g in gens)
+    completion = sum(n for _, n, _ in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+# Serve serializes the decorated class when it is defined: everything its methods use from this
+# module must be defined above this point.
+@serve.deployment(name="OpenAIServer")
+@serve.ingress(api)
+class OpenAIServer:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.auth = ApiKeyCheck(settings.api_key_digest)
+        self.loader = ModelLoader(settings)
+        self._model: LoadedModel = self.loader.load()
+        self.generate.set_max_batch_size(settings.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._watcher: Optional[AliasWatcher] = None
+        if settings.source.follows_alias:
+            self._watcher = AliasWatcher(self.loader, lambda: self._model, self._install,
+                                         settings.alias_poll_s).start()
+        log.info("serving %s version %s (%s)", self._model.model_id, self._model.version,
+                 settings.source.describe())
+
+    def _install(self, loaded: LoadedModel) -> None:
+        self._model = loaded   # one reference swap: requests keep the model that admitted them
+
+    def __del__(self) -> None:
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.stop()
+
+    def check_health(self) -> None:
+        """Serve's replica health check: a replica that stopped following its alias is replaced."""
+        if self._watcher is not None and not self._watcher.alive:
+            raise RuntimeError("the alias watcher thread stopped")
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        loaded = self._model
+        return JSONResponse({"status": "ok", "model": loaded.model_id, "version": loaded.version},
+                            headers={VERSION_HEADER: loaded.version})
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        return await self._guard(request, self._list_models)
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, request: Request, model_id: str) -> Response:
+        async def one(_: Request) -> Response:
+            loaded = self._model
+            self._check_model(model_id, loaded)
+            return _json(ModelCard(id=loaded.model_id, created=loaded.created), loaded)
+        return await self._guard(request, one)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._guard(request, self._completions)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._guard(request, self._chat_completions)
+
+    async def _guard(self, request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Authenticate, then run `handler`; every failure becomes an OpenAI-style error."""
+        try:
+            self.auth.check(request.headers.get("authorization"))
+            return await handler(request)
+        except APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.url.path)
+            error = APIError(500, "The server had an error while processing your request.", type=SERVER_ERROR)
+            return JSONResponse(error.body(), status_code=500)
+
+    # ------------------------------------------------------------------ handlers
+
+    async def _list_models(self, request: Request) -> Response:
+        loaded = self._model
+        return _json(ModelList(data=[ModelCard(id=loaded.model_id, created=loaded.created)]), loaded)
+
+    async def _completions(self, request: Request) -> Response:
+        req: CompletionRequest = _parse(CompletionRequest, await _read_body(request))
+        req.unsupported()
+        loaded = self._model
+        self._check_model(req.model, loaded)
+        prompts = self._completion_prompts(req.prompt, loaded)
+        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        stops = req.stop_sequences()
+        gens = [GenerationRequest(p, self._sampling(req, len(p), loaded, req.max_tokens, "max_tokens", "prompt",
+                                                    clamp=not explicit,
+                                                    stop_ids=frozenset({loaded.tokenizer.eos_id})), loaded)
+                for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return self._stream(self._completion_events(gens, stops, rid, created, usage), loaded)
+        results = await self._collect_all(gens, stops)
+        choices = [CompletionChoice(index=i, text=text, finish_reason=reason)
+                   for i, (text, _, reason) in enumerate(results)]
+        return _json(Completion(id=rid, created=created, model=loaded.model_id, choices=choices,
+                                usage=_usage(gens, results), system_fingerprint=_fingerprint(loaded)), loaded)
+
+    async def _chat_completions(self, request: Request) -> Response:
+        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await _read_body(request))
+        req.unsupported()
+        loaded = self._model
+        self._check_model(req.model, loaded)
+        prompt = chat.render_ids(req.messages, loaded.tokenizer)
+        requested, param = req.requested_max_tokens()
+        gen = GenerationRequest(prompt, self._sampling(req, len(prompt), loaded, requested, param, "messages",
+                                                       clamp=requested is None,
+                                                       stop_ids=chat.stop_token_ids(loaded.tokenizer)), loaded)
+        stops = req.stop_sequences()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return self._stream(self._chat_events(gen, stops, rid, created, usage), loaded)
+        results = await self._collect_all([gen], stops)
+        text, _, reason = results[0]
+        return _json(ChatCompletion(
+            id=rid, created=created, model=loaded.model_id,
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=reason)],
+            usage=_usage([gen], results), system_fingerprint=_fingerprint(loaded)), loaded)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_model(self, name: str, loaded: LoadedModel) -> None:
+        if name != loaded.model_id:
+            raise model_not_found(name, loaded.model_id)
+
+    def _completion_prompts(self, prompt, loaded: LoadedModel) -> list[list[int]]:
+        tok = loaded.tokenizer
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif not prompt:
+            raise invalid("Invalid value for 'prompt': the prompt must not be empty.", param="prompt",
+                          code="invalid_value")
+        elif isinstance(prompt[0], int):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if len(prompts) > self.settings.max_batch_size:
+            raise invalid(f"Invalid value for 'prompt': at most {self.settings.max_batch_size} prompts per "
+                          f"request, got {len(prompts)}.", param="prompt", code="invalid_value")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                # An empty prompt starts from <|endoftext|>, the document separator the model trained on.
+                out.append(tok.encode(p) or [tok.eos_id])
+                continue
+            if not p:
+                raise invalid("Invalid value for 'prompt': token arrays must not be empty.", param="prompt",
+                              code="invalid_value")
+            bad = next((t for t in p if not 0 <= t < tok.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"Invalid value for 'prompt': token id {bad} is outside the vocabulary "
+                              f"[0, {tok.vocab_size}).", param="prompt", code="invalid_value")
+            out.append(list(p))
+        return out
+
+    def _sampling(self, req, prompt_len: int, loaded: LoadedModel, requested: Optional[int], param: str,
+                  prompt_param: str, *, clamp: bool, stop_ids: frozenset[int]) -> SamplingParams:
+        """Sampling parameters, after checking max_tokens against the limit and the context."""
+        limit, context = self.settings.max_tokens_limit, loaded.max_seq_len
+        room = context - prompt_len
+        if room < 1:
+            raise invalid(f"This model's maximum context length is {context} tokens. However, your "
+                          f"{prompt_param} has {prompt_len} tokens. Please shorten it.", param=prompt_param,
+                          code="context_length_exceeded")
+        if requested is None or clamp:
+            max_tokens = min(limit, room, requested if requested is not None else limit)
+        elif not 1 <= requested <= limit:
+            raise invalid(f"Invalid value for '{param}': must be between 1 and {limit}, got {requested}.",
+                          param=param, code="invalid_value")
+        elif prompt_len + requested > context:
+            raise invalid(f"This model's maximum context length is {context} tokens. However, you requested "
+                          f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} "
+                          f"for the completion). Please reduce the {prompt_param} or {param}.",
+                          param=param, code="context_length_exceeded")
+        else:
+            max_tokens = requested
+        if max_tokens < 1:
+            raise invalid(f"Invalid value for '{param}': must be at least 1.", param=param, code="invalid_value")
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              seed=req.seed, stop_token_ids=stop_ids)
+
+    # ------------------------------------------------------------------ generation
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
+        """One list per decoding step: each request's TokenEvent, or StopIteration once it finished."""
+        groups = plan_groups(requests)
+        decoders = await asyncio.to_thread(
+            lambda: [(g, BatchDecoder(requests[g[0]].model.model, [requests[i] for i in g])) for g in groups])
+        while True:
+            active = [(g, d) for g, d in decoders if not d.finished]
+            if not active:
+                return
+            stepped = await asyncio.to_thread(lambda: [d.step() for _, d in active])
+            out: list = [StopIteration] * len(requests)
+            for (g, _), events in zip(active, stepped):
+                for i, event in zip(g, events):
+                    if event is not None:
+                        out[i] = event
+            yield out
+
+    async def _tokens(self, gen: GenerationRequest,
+                      stops: Sequence[str]) -> AsyncIterator[tuple[str, int, Optional[str]]]:
+        """(text delta, tokens so far, finish reason or None) for one request, ending with its finish."""
+        text = TextStream(gen.model.tokenizer, stops)
+        produced, reason = 0, "length"
+        stream = self.generate(gen)
+        try:
+            async for event in stream:
+                if event.token is not None:
+                    produced += 1
+                    delta = text.push(event.token)
+                    if text.stopped:
+                        gen.cancel()       # the batch drops this row at its next step
+                        reason = "stop"
+                        yield delta, produced, None
+                        break
+                    if delta:
+                        yield delta, produced, None
+                if event.finish_reason is not None:
+                    reason = event.finish_reason
+                    break
+            yield text.finish(), produced, reason
+            async for _ in stream:   # let the batch retire the row before letting go of its stream
+                pass
+        finally:
+            gen.cancel()
+
+    async def _collect_all(self, gens: list[GenerationRequest],
+                           stops: Sequence[str]) -> list[tuple[str, int, str]]:
+        async def collect(gen: GenerationRequest) -> tuple[str, int, str]:
+            parts, produced, reason = [], 0, "length"
+            async for delta, produced, finish in self._tokens(gen, stops):
+                parts.append(delta)
+                reason = finish or reason
+            return "".join(parts), produced, reason
+
+        try:
+            return await asyncio.gather(*(collect(g) for g in gens))
+        finally:
+            for g in gens:
+                g.cancel()
+
+    # ------------------------------------------------------------------ streaming
+
+    def _stream(self, events: AsyncIterator[str], loaded: LoadedModel) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            except Exception:
+                log.exception("streamed generation failed")
+                yield sse(APIError(500, "The server had an error while generating.", type=SERVER_ERROR).body())
+                return
+            yield DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={VERSION_HEADER: loaded.version, "Cache-Control": "no-cache"})
+
+    async def _completion_events(self, gens: list[GenerationRequest], stops: Sequence[str], rid: str,
+                                 created: int, include_usage: bool) -> AsyncIterator[str]:
+        loaded = gens[0].model
+        produced = [0] * len(gens)
+        try:
+            async for i, (delta, n, reason) in merge([self._tokens(g, stops) for g in gens]):
+                produced[i] = n
+                if delta or reason:
+                    yield sse(Completion(id=rid, created=created, model=loaded.model_id,
+                                         system_fingerprint=_fingerprint(loaded),
+                                         choices=[CompletionChoice(index=i, text=delta, finish_reason=reason)]))
+            if include_usage:
+                yield sse(Completion(id=rid, created=created, model=loaded.model_id, choices=[],
+                                     usage=_usage(gens, [("", n, "") for n in produced]),
+                                     system_fingerprint=_fingerprint(loaded)))
+        finally:
+            for g in gens:
+                g.cancel()
+
+    async def _chat_events(self, gen: GenerationRequest, stops: Sequence[str], rid: str, created: int,
+                           include_usage: bool) -> AsyncIterator[str]:
+        loaded = gen.model
+
+        def chunk(delta: ChatDelta, reason: Optional[str] = None) -> str:
+            return sse(ChatCompletionChunk(id=rid, created=created, model=loaded.model_id,
+                                           system_fingerprint=_fingerprint(loaded),
+                                           choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=reason)]))
+
+        produced = 0
+        try:
+            yield chunk(ChatDelta(role="assistant", content=""))
+            async for delta, produced, reason in self._tokens(gen, stops):
+                if delta:
+                    yield chunk(ChatDelta(content=delta))
+                if reason:
+                    yield chunk(ChatDelta(), reason)
+            if include_usage:
+                yield sse(ChatCompletionChunk(id=rid, created=created, model=loaded.model_id, choices=[],
+                                              usage=_usage([gen], [("", produced, "")]),
+                                              system_fingerprint=_fingerprint(loaded)))
+        finally:
+            gen.cancel()

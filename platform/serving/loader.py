@@ -1,0 +1,207 @@
+"""What a replica serves: a model found by registry alias, version or checkpoint path.
+
+`ModelLoader` turns a `ModelSource` into a `LoadedModel` (weights, tokenizer,
+the id clients name and the version reported in `x-model-version`).
+`AliasWatcher` is the rolling update: a replica thread that re-resolves the
+alias every `alias_poll_s` and, when it moved, loads the new version next to
+the old one and swaps one reference. Requests hold the `LoadedModel` that
+admitted them, so those in flight finish on the old weights while new ones
+start on the new; nothing is interrupted and no request fails. A version
+that fails to load is logged and retried; the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+from platform.errors import UserError
+from platform.registry.models import ModelRegistry, VersionRef
+from platform.tracking.store import Store
+
+if TYPE_CHECKING:
+    from model import DBRX
+    from model.config import DBRXConfig
+    from platform.data.tokenizer import Tokenizer
+
+log = logging.getLogger("platform.serving")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Exactly one of alias, version, checkpoint, for the model `name`."""
+
+    name: str                           # registered model name; the id clients send as `model`
+    alias: Optional[str] = None
+    version: Optional[str] = None
+    checkpoint: Optional[str] = None    # local folder: a version/HF export, or a training checkpoint
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("alias", "version", "checkpoint") if getattr(self, k)]
+        if len(given) != 1:
+            raise UserError(f"serve one of alias, version or checkpoint, not {given or 'none'}")
+
+    @property
+    def follows_alias(self) -> bool:
+        return bool(self.alias)
+
+    def describe(self) -> str:
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        if self.version:
+            return f"{self.name} version {self.version}"
+        return f"checkpoint {self.checkpoint}"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything a replica needs; plain data, no secrets (the API key travels as a digest)."""
+
+    source: ModelSource
+    tracking: Store                         # where the registry is (alias and version sources)
+    model_config: Optional["DBRXConfig"]    # architecture of a training checkpoint given by path
+    cache_dir: str                          # downloads of versions stored remotely
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    max_tokens_limit: int = 512
+    alias_poll_s: float = 5.0
+    api_key_digest: Optional[str] = None
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: "DBRX"
+    tokenizer: "Tokenizer"
+    model_id: str       # what /v1/models lists and requests must name
+    version: str        # the x-model-version header: registry version, or "step-<N>" for a path
+    created: int        # unix time the weights were loaded
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.cfg.max_seq_len
+
+
+class ModelLoader:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.source = settings.source
+        self.registry = None if self.source.checkpoint else ModelRegistry(settings.tracking)
+
+    def load(self) -> LoadedModel:
+        """The model to start with."""
+        if self.source.checkpoint:
+            return self.load_path(Path(self.source.checkpoint))
+        return self.load_ref(self.resolve())
+
+    def resolve(self) -> VersionRef:
+        assert self.registry is not None
+        if self.source.alias:
+            return self.registry.require_alias(self.source.name, self.source.alias)
+        return self.registry.get_version(self.source.name, self.source.version)
+
+    def load_ref(self, ref: VersionRef) -> LoadedModel:
+        from platform.registry.artifacts import load_version
+
+        assert self.registry is not None
+        folder = self.registry.local_files(ref, self.settings.cache_dir)
+        model, tok = load_version(folder, **self._placement())
+        return LoadedModel(model, tok, self.source.name, ref.version, int(time.time()))
+
+    def load_path(self, path: Path) -> LoadedModel:
+        """A version folder / HF export (config.json + safetensors) or a committed training checkpoint."""
+        from platform.registry.artifacts import PICKLE_SUFFIXES, load_version, read_lineage
+        from platform.train.state import TRAINER_FILE
+
+        if not path.is_dir():
+            raise UserError(f"checkpoint {path} is not a folder")
+        if not (path / TRAINER_FILE).is_file():
+            model, tok = load_version(path, **self._placement())
+            step = read_lineage(path).get("step")
+            version = f"step-{step}" if step is not None else path.name
+            return LoadedModel(model, tok, self.source.name, version, int(time.time()))
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise UserError(f"{path} holds pickle-based files ({', '.join(pickled)}); only safetensors are loaded")
+        model, tok = self._training_checkpoint(path)
+        from platform.train.state import read_trainer_state
+
+        version = f"step-{read_trainer_state(path).step}"
+        return LoadedModel(model, tok, self.source.name, version, int(time.time()))
+
+    def _training_checkpoint(self, path: Path) -> tuple["DBRX", "Tokenizer"]:
+        from platform.data import get_tokenizer
+        from platform.registry.artifacts import model_from_state_dict
+        from platform.train.state import consolidated_weights
+
+        cfg = self.settings.model_config
+        if cfg is None:
+            raise UserError(f"{path} is a training checkpoint: its model config must be given")
+        try:
+            model = model_from_state_dict(cfg, consolidated_weights(path, cfg.moe_num_experts))
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(f"checkpoint {path} does not fit the job's model config: "
+                            f"{str(exc).splitlines()[0][:300]}") from exc
+        placement = self._placement()
+        if placement["device"] != "cpu" or placement["dtype"] is not None:
+            model = model.to(device=placement["device"], dtype=placement["dtype"])
+        return model.eval(), get_tokenizer(cfg.vocab_size)
+
+    def _placement(self) -> dict:
+        import torch
+
+        if self.settings.use_gpu and torch.cuda.is_available():
+            return {"device": "cuda", "dtype": torch.bfloat16}
+        return {"device": "cpu", "dtype": None}
+
+
+class AliasWatcher:
+    """Follows the alias of a `ModelLoader`: loads each new target and hands it to `install`."""
+
+    def __init__(self, loader: ModelLoader, current: Callable[[], LoadedModel],
+                 install: Callable[[LoadedModel], None], poll_s: float):
+        self.loader, self._current, self._install, self.poll_s = loader, current, install, poll_s
+        self._stop = threading.Event()
+        self._last_error = ""
+        self._thread = threading.Thread(target=self._run, name="dbrx-alias-watcher", daemon=True)
+
+    def start(self) -> "AliasWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.check_once()
+
+    def check_once(self) -> bool:
+        """Switch if the alias moved; True when a new version was installed."""
+        try:
+            ref = self.loader.resolve()
+            old = self._current()
+            if ref.version == old.version:
+                return False
+            log.info("alias %s moved: loading %s (serving %s)", self.loader.source.describe(), ref.label,
+                     old.version)
+            new = self.loader.load_ref(ref)
+            self._install(new)
+            log.info("now serving %s (was version %s)", ref.label, old.version)
+            self._last_error = ""
+            return True
+        except Exception as exc:   # the current version keeps serving; retry next poll
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._last_error:
+                log.warning("cannot follow alias %s (still serving version %s): %s",
+                            self.loader.source.describe(), self._current().version, message)
+                self._last_error = message
+            return False
