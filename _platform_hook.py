@@ -22,7 +22,9 @@ def _find_package():
     here = os.path.dirname(os.path.abspath(__file__))
     for entry in [here, *sys.path]:
         spec = importlib.machinery.PathFinder.find_spec("platform", [entry or os.getcwd()])
-        if spec is not None and spec.submodule_search_locations is not None:
+        # A regular package only: an editable install leaves a namespace folder
+        # `platform/_infra` (the bundled Terraform modules) in site-packages.
+        if spec is not None and spec.submodule_search_locations is not None and spec.origin:
             return spec
     return None
 
