@@ -22,6 +22,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=1e-4")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    parser.add_argument("--detach", action="store_true",
+                        help="submit as a Ray Job on the head and print its id; follow it with "
+                             "python -m platform.status|logs|stop JOB_ID")
     return parser.parse_args(argv)
 
 
@@ -42,6 +45,13 @@ def main(argv: list[str]) -> int:
                         "model.activation_checkpointing, lower train.micro_batch_size or "
                         "train.seq_len, or add nodes")
     if args.dry_run:
+        return 0
+    if args.detach:
+        from platform.jobs import submit_detached
+
+        job_id = submit_detached(cfg, args.config, args.overrides)
+        print(f"submitted job {job_id}\n  python -m platform.status {job_id}\n"
+              f"  python -m platform.logs {job_id} --follow\n  python -m platform.stop {job_id}")
         return 0
     from platform.controller.job import Controller
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,17 +66,29 @@ class Job:
 
         return MlflowClient(tracking_uri=f"sqlite:///{self.home}/mlflow.db")
 
-    def run_info(self):
+    def find_run(self):
+        """The job's MLflow run, or None before the job has created it."""
+        # Open the store only once the job has created it (its "MLflow" line is
+        # printed after that), or we race the job's own schema migration.
+        if not self.log.exists() or not re.search(r"^MLflow (UI|run)", self.output(), re.M):
+            return None
         client = self.mlflow()
         runs = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             filter_string=f"tags.`dbrx.job_name` = '{self.name}'", order_by=["start_time DESC"])
-        assert runs, f"no MLflow run for job {self.name}"
-        return runs[0]
+        return runs[0] if runs else None
+
+    def run_info(self):
+        run = self.find_run()
+        assert run is not None, f"no MLflow run for job {self.name}"
+        return run
 
     def metric(self, key: str) -> dict[int, float]:
         """step -> value (the last logged value of each step: a resumed run re-logs steps)."""
-        history = self.mlflow().get_metric_history(self.run_info().info.run_id, key)
+        run = self.find_run()
+        if run is None:
+            return {}
+        history = self.mlflow().get_metric_history(run.info.run_id, key)
         out: dict[int, float] = {}
         for m in sorted(history, key=lambda m: (m.timestamp, m.step)):
             out[m.step] = m.value

@@ -206,5 +206,12 @@ def _check_serve(cfg: JobConfig, bad) -> None:
         bad("serve.max_replicas", f"{s.max_replicas} is below serve.num_replicas {s.num_replicas}")
     if s.max_batch_size < 1:
         bad("serve.max_batch_size", f"must be at least 1, got {s.max_batch_size}")
+    if s.alias_poll_s <= 0:
+        bad("serve.alias_poll_s", f"must be positive, got {s.alias_poll_s}")
+    for key in ("replica_cpus", "replica_gpus"):
+        if getattr(s, key) < 0:
+            bad(f"serve.{key}", f"must be >= 0, got {getattr(s, key)}")
+    if cfg.promote.gate_tolerance < 0:
+        bad("promote.gate_tolerance", f"must be >= 0, got {cfg.promote.gate_tolerance}")
     if s.max_tokens_limit < 1:
         bad("serve.max_tokens_limit", f"must be at least 1, got {s.max_tokens_limit}")

@@ -164,7 +164,29 @@ class Controller:
                           final_step=last.get("step", 0), world_size=last.get("world_size", 0),
                           capacity_failures=reconciler.capacity.failures,
                           error=str(result.error or ""))
+        if outcome.status == "FINISHED":
+            self._after_training()
         return outcome
+
+    def _after_training(self) -> None:
+        """Promote the final checkpoint and start serving it, when the config says so."""
+        if self.cfg.promote.auto:
+            from platform.registry.promotion import promote
+
+            try:
+                say(str(promote(self.cfg)))
+            except UserError as exc:  # a gate refusal is an answer, not a failed job
+                say(f"not promoted: {exc}")
+        if self.cfg.serve.start_after_training:
+            from platform.serving.launch import start_serving
+
+            serving = start_serving(self.cfg)
+            say(f"OpenAI-compatible endpoint: {serving.base_url}  (Ctrl-C to stop)")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                serving.stop()
 
     def _finish(self, outcome: Outcome) -> None:
         from platform.tracking import finish_run

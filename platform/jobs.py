@@ -1,0 +1,121 @@
+"""Detached jobs: `submit --detach` hands the job to Ray's job server on the head.
+
+The submitted entrypoint is the same `python -m platform.submit` command,
+run on the head against the head's cluster; `python -m platform.status|logs|stop
+JOB_ID` talk to the same job server. Where each job was sent is remembered in
+the state directory, so the commands need only the job id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+
+from platform.config import state_dir
+from platform.config.schema import JobConfig
+from platform.errors import UserError
+
+
+def _records() -> Path:
+    return Path(state_dir()) / "jobs"
+
+
+def _client(dashboard_url: str):
+    from ray.job_submission import JobSubmissionClient
+
+    from platform.provision.head import enable_token_auth_in_process
+
+    enable_token_auth_in_process()
+    try:
+        return JobSubmissionClient(dashboard_url)
+    except Exception as exc:
+        raise UserError(f"cannot reach the Ray job server at {dashboard_url}: {exc}") from None
+
+
+def submit_detached(cfg: JobConfig, config_path: str, overrides: list[str]) -> str:
+    """Start (or reuse) the head, submit the job to it, return the Ray job id."""
+    from platform.provision.head import LocalHead
+
+    c = cfg.cluster
+    if c.ray_address:
+        raise UserError("--detach submits to the embedded head; with cluster.ray_address set, use "
+                        "`ray job submit` against that cluster's dashboard")
+    head = LocalHead(port=c.head_port, dashboard_port=c.dashboard_port).start()
+    command = [sys.executable, "-m", "platform.submit", str(Path(config_path).resolve()),
+               *overrides, f"cluster.ray_address={head.address}"]
+    env = {k: os.environ[k] for k in ("DBRX_PLATFORM_HOME", "AWS_ENDPOINT_URL_S3",
+                                      "MLFLOW_TRACKING_URI") if k in os.environ}
+    job_id = _client(head.dashboard_url).submit_job(
+        entrypoint=" ".join(shlex.quote(x) for x in command),
+        runtime_env={"env_vars": env} if env else None,
+        metadata={"job_name": cfg.name},
+    )
+    _records().mkdir(parents=True, exist_ok=True)
+    (_records() / f"{job_id}.json").write_text(json.dumps(
+        {"job_id": job_id, "job_name": cfg.name, "dashboard": head.dashboard_url}))
+    return job_id
+
+
+def lookup(job_id: str) -> dict:
+    path = _records() / f"{job_id}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in _records().glob("*.json")) if _records().is_dir() else []
+        raise UserError(f"no detached job {job_id!r} was submitted from this machine"
+                        + (f"; known: {', '.join(known)}" if known else ""))
+    return json.loads(path.read_text())
+
+
+def status(job_id: str) -> str:
+    record = lookup(job_id)
+    return str(_client(record["dashboard"]).get_job_status(job_id))
+
+
+def logs(job_id: str, follow: bool = False) -> None:
+    record = lookup(job_id)
+    client = _client(record["dashboard"])
+    if not follow:
+        sys.stdout.write(client.get_job_logs(job_id))
+        return
+    import asyncio
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+def stop(job_id: str) -> bool:
+    record = lookup(job_id)
+    return bool(_client(record["dashboard"]).stop_job(job_id))
+
+
+def cli(kind: str, argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m platform.{kind}",
+                                     description=f"{kind.capitalize()} a job started with submit --detach.")
+    parser.add_argument("job_id")
+    if kind == "logs":
+        parser.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    args = parser.parse_args(argv)
+    if kind == "status":
+        print(status(args.job_id))
+    elif kind == "logs":
+        logs(args.job_id, args.follow)
+    else:
+        print("stop requested" if stop(args.job_id) else "the job had already ended")
+    return 0
+
+
+def entry(kind: str) -> None:
+    from platform.errors import run_cli
+
+    run_cli(lambda argv: cli(kind, argv))
+
+
