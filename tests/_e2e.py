@@ -94,6 +94,14 @@ class Job:
             out[m.step] = m.value
         return out
 
+    def history(self, key: str) -> list[float]:
+        """Every logged value of `key`, in the order it was logged."""
+        run = self.find_run()
+        if run is None:
+            return []
+        return [m.value for m in sorted(self.mlflow().get_metric_history(run.info.run_id, key),
+                                        key=lambda m: m.timestamp)]
+
     def checkpoint_dir(self) -> Path:
         return self.home / "checkpoints" / self.name
 

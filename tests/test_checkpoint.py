@@ -295,6 +295,13 @@ def test_retention_keeps_the_newest_the_protected_and_the_latest_valid(ckpts, tm
         ckpts.retain(keep_last=-1)
 
 
+def test_retention_keeps_everything_while_there_are_fewer_than_keep_last(ckpts):
+    for step in (5, 10):
+        save(ckpts, step)
+        assert ckpts.retain(keep_last=3) == []
+    assert ckpts.list_committed() == [5, 10]
+
+
 def test_resaving_a_step_replaces_it_unless_protected(ckpts):
     save(ckpts, 4, {"old_only.bin": b"old", "common.bin": b"old"})
     save(ckpts, 4, {"common.bin": b"new"})

@@ -135,3 +135,9 @@ variable "capacity_exhausted_file" {
   type        = string
   default     = ""
 }
+
+variable "boot_delay_file" {
+  description = "Testing only: when this file exists, a new node waits as many seconds as it holds before joining, as a cloud instance takes time to boot."
+  type        = string
+  default     = ""
+}

@@ -430,7 +430,7 @@ class CheckpointStore:
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
         committed = self.list_committed()
-        keep = set(committed[len(committed) - keep_last:]) if keep_last else set()
+        keep = set(committed[max(0, len(committed) - keep_last):]) if keep_last else set()
         keep.update(protected_steps)
         keep.update(self.protected())
         latest, _ = self.latest_valid(verify)

@@ -79,6 +79,9 @@ start() {
     if [ -n "${CAPACITY_FILE:-}" ] && [ -e "$CAPACITY_FILE" ]; then
         die "InsufficientInstanceCapacity: no capacity for node $NODE_NAME on this host (simulated: $CAPACITY_FILE exists)"
     fi
+    if [ -n "${BOOT_DELAY_FILE:-}" ] && [ -e "$BOOT_DELAY_FILE" ]; then
+        sleep "$(cat "$BOOT_DELAY_FILE")"
+    fi
     [ -x "$RAY_BIN" ] || die "ray CLI not found or not executable at $RAY_BIN (variable ray_bin)"
     mkdir -p "$NODE_DIR"
     local log="$NODE_DIR/ray.log" tags=${NODE_TAGS:-"{}"} pid sid leader_start
