@@ -12,7 +12,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
