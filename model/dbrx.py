@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 
 
+def objective(cfg: DBRXConfig, lm_loss: torch.Tensor, lb_loss: torch.Tensor,
+              z_loss: torch.Tensor) -> torch.Tensor:
+    """The training loss: LM loss plus the config-weighted load-balancing and z-losses."""
+    loss = lm_loss + cfg.moe_loss_weight * lb_loss
+    if cfg.moe_z_loss_weight:
+        loss = loss + cfg.moe_z_loss_weight * z_loss
+    return loss
+
+
 @dataclass
 class DBRXOutput:
     logits: torch.Tensor                   # (batch, seq, vocab); (batch, 1, vocab) with last_logits_only
@@ -184,9 +193,7 @@ class DBRX(nn.Module):
         if labels is not None:
             lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                       labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-            loss = lm_loss + self.cfg.moe_loss_weight * lb_loss
-            if self.cfg.moe_z_loss_weight:
-                loss = loss + self.cfg.moe_z_loss_weight * z_loss
+            loss = objective(self.cfg, lm_loss, lb_loss, z_loss)
         return DBRXOutput(logits=logits, loss=loss, lm_loss=lm_loss, lb_loss=lb_loss, z_loss=z_loss,
                           expert_counts=torch.stack(counts), kv_cache=kv_cache)
 

@@ -38,9 +38,13 @@ def validate(cfg: JobConfig) -> list[Problem]:
     _check_data(cfg, bad)
     _check_checkpoint(cfg, bad)
     _check_serve(cfg, bad)
-    if not 1 <= cfg.tracking.ui_port <= 65535:
-        bad("tracking.ui_port", f"{cfg.tracking.ui_port} is not a TCP port (1-65535)")
+    _check_port(bad, "tracking.ui_port", cfg.tracking.ui_port)
     return problems
+
+
+def _check_port(bad, path: str, value: int) -> None:
+    if not 1 <= value <= 65535:
+        bad(path, f"{value} is not a TCP port (1-65535)")
 
 
 def _check_cluster(cfg: JobConfig, bad) -> None:
@@ -64,8 +68,7 @@ def _check_cluster(cfg: JobConfig, bad) -> None:
     if c.gpus_per_node > 0 and c.gpu_memory_gb <= 0:
         bad("cluster.gpu_memory_gb", "set the accelerator memory so the plan can check that the model fits")
     for key in ("head_port", "dashboard_port"):
-        if not 1 <= getattr(c, key) <= 65535:
-            bad(f"cluster.{key}", f"{getattr(c, key)} is not a TCP port (1-65535)")
+        _check_port(bad, f"cluster.{key}", getattr(c, key))
     if c.node_join_timeout_s <= 0:
         bad("cluster.node_join_timeout_s", f"must be positive, got {c.node_join_timeout_s}")
 
@@ -195,8 +198,7 @@ def _is_loopback(host: str) -> bool:
 
 def _check_serve(cfg: JobConfig, bad) -> None:
     s = cfg.serve
-    if not 1 <= s.port <= 65535:
-        bad("serve.port", f"{s.port} is not a TCP port (1-65535)")
+    _check_port(bad, "serve.port", s.port)
     if not _is_loopback(s.host) and not s.api_key:
         bad("serve.api_key", f"serve.host {s.host} is reachable from other machines: set an API "
                              "key (e.g. serve.api_key=${oc.env:DBRX_SERVE_API_KEY}) or bind to 127.0.0.1")

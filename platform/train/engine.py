@@ -114,7 +114,6 @@ class Engine:
     engine: Any
     model: torch.nn.Module
     layout: Layout
-    bf16: bool
 
     @property
     def basic_optimizer(self) -> torch.optim.Optimizer:
@@ -142,4 +141,4 @@ def build_engine(cfg: JobConfig, layout: Layout, model: torch.nn.Module,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(cfg, layout, bf16),
                                            dist_init_required=False)
-    return Engine(engine=engine, model=model, layout=layout, bf16=bf16)
+    return Engine(engine=engine, model=model, layout=layout)

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from model.dbrx import objective
+
 from platform.config.schema import JobConfig
 from platform.train.collectives import mean_, sum_
 from platform.train.engine import Engine
@@ -66,10 +68,7 @@ def training_loss(model, tokens: torch.Tensor, cfg: JobConfig):
     """Next-token loss of packed sequences [micro, seq_len+1] plus weighted aux losses."""
     out = model(tokens[:, :-1])
     lm = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-    loss = lm + cfg.model.moe_loss_weight * out.lb_loss
-    if cfg.model.moe_z_loss_weight:
-        loss = loss + cfg.model.moe_z_loss_weight * out.z_loss
-    return loss, lm, out
+    return objective(cfg.model, lm, out.lb_loss, out.z_loss), lm, out
 
 
 def train_step(eng: Engine, micro_batches: list[torch.Tensor], cfg: JobConfig,
