@@ -10,11 +10,7 @@ Dropless: the (token, expert) assignments are sorted by expert and each expert
 multiplies exactly the contiguous slice of its tokens (model.kernels), so no
 capacity factor exists and no token is ever dropped, however skewed the
 routing. Outputs are un-sorted and combined as the weighted sum of each
-token's top-k expert outputs. On CPU without expert parallelism (the "batched"
-kernel) dispatch, experts and combine are one op on a packed layout: runs of
-experts padded to their largest count so that each run is one batched GEMM per
-projection (padding rows are zeros that only even out GEMM shapes; every token
-is still computed, whatever the counts).
+token's top-k expert outputs.
 
 Expert parallelism: with an expert-parallel group of size P each rank holds
 experts [rank * E/P, (rank+1) * E/P). Sorted tokens are contiguous per
@@ -43,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import DBRXConfig
-from model.kernels import grouped_glu, packed_moe, plan_layout, select_backend
+from model.kernels import grouped_glu
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -148,7 +144,7 @@ class _Combine(torch.autograd.Function):
             grad_y = (weights.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1])
             grad_y = grad_y.index_select(0, order)
         if ctx.needs_input_grad[1]:
-            grad_w = (y * grad.unsqueeze(1)).sum(-1)      # a batch of dot products: faster than bmm
+            grad_w = torch.bmm(y, grad.unsqueeze(-1)).squeeze(-1)
         return grad_y, grad_w, None, None
 
 
@@ -234,9 +230,7 @@ class DroplessMoE(nn.Module):
         logits = self.router(x)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.normalize_p == 1:        # softmax probabilities are positive: the 1-norm is the sum
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        elif self.normalize_p is not None:
+        if self.normalize_p is not None:
             weights = weights / weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
         return logits, probs, weights, ids
 
@@ -259,19 +253,10 @@ class DroplessMoE(nn.Module):
             real_counts = torch.bincount(ids[real].reshape(-1), minlength=self.num_experts)
             stats = self._stats(logits[real], probs[real], real_counts)
 
-        sorted_ids, order = torch.sort(flat_ids, stable=True)   # slots sorted by expert
-        e = self.experts
-        if self.ep_size == 1 and select_backend(x, e.w1, e.ffn_hidden_size) == "batched":
-            # Dispatch, experts and combine in one op on the packed layout of the batched kernel.
-            layout = plan_layout(counts, x.shape[-1], e.ffn_hidden_size)
-            pos = layout.positions(sorted_ids)              # packed row of each sorted slot
-            slot_row = torch.empty_like(order).index_copy_(0, order, pos)
-            row_slot = order.new_full((layout.rows,), order.numel()).index_copy_(0, pos, order)
-            out = packed_moe(x, weights.to(x.dtype), e.w1, e.v1, e.w2, layout, row_slot, slot_row)
-        else:
-            inv = _inverse_permutation(order)
-            y_sorted = self._experts(_Dispatch.apply(x, order, inv, self.top_k), counts)
-            out = _Combine.apply(y_sorted, weights.to(y_sorted.dtype), order, inv)
+        order = torch.argsort(flat_ids, stable=True)       # slots sorted by expert
+        inv = _inverse_permutation(order)
+        y_sorted = self._experts(_Dispatch.apply(x, order, inv, self.top_k), counts)
+        out = _Combine.apply(y_sorted, weights.to(y_sorted.dtype), order, inv)
         return out.view(shape), stats
 
     def _experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -301,8 +286,7 @@ class DroplessMoE(nn.Module):
         if n == 0:
             zero = probs.sum() * 0.0
             return RoutingStats(zero, zero, counts)
-        # E * sum_e (counts_e / (n * k)) * mean_t probs[t, e], and mean_t lse_t^2, in few ops
-        lb = torch.dot(counts.to(probs.dtype), probs.sum(0)) * (self.num_experts / (n * n * self.top_k))
-        lse = torch.logsumexp(logits.float(), dim=-1)
-        z = torch.dot(lse, lse) / n
+        frac = counts.to(probs.dtype) / (n * self.top_k)
+        lb = self.num_experts * torch.dot(frac, probs.mean(0))
+        z = torch.logsumexp(logits.float(), dim=-1).square().mean()
         return RoutingStats(lb, z, counts)

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import DBRXConfig
-from model import kernels
-from model.kernels import BACKENDS, _grouped_mm_ok, _plan_blocks, grouped_glu, plan_layout, select_backend
+from model.kernels import BACKENDS, _grouped_mm_ok, grouped_glu, select_backend
 from model.moe import DroplessMoE, _Combine, _Dispatch, _inverse_permutation, _Permute, expert_group_name
 
 torch.set_num_threads(min(2, torch.get_num_threads()))   # never above the suite-wide cap
@@ -80,7 +79,7 @@ def test_top1_every_token_to_one_expert():
     assert stats.lb_loss.item() == pytest.approx(cfg.moe_num_experts, rel=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["batched", "loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 def test_random_routing_matches_dense_reference_and_gradients(monkeypatch, backend):
     monkeypatch.setenv("DBRX_MOE_KERNEL", backend)
     cfg = moe_config(moe_top_k=3)
@@ -164,8 +163,8 @@ def test_kernel_backends_agree(monkeypatch, d_model, ffn):
     x = torch.randn(int(counts.sum()), d_model)
     weights = [torch.randn(n_local * ffn, d_model) * 0.3 for _ in range(3)]
     results = {}
-    assert select_backend(x, weights[0], ffn) == "batched"          # the CPU default
-    available = ["loop", "batched"] + (["grouped_mm"] if _grouped_mm_ok(x, ffn) else [])
+    assert select_backend(x, weights[0], ffn) == "loop"             # the CPU default
+    available = ["loop"] + (["grouped_mm"] if _grouped_mm_ok(x, ffn) else [])
     assert ("grouped_mm" in available) == (d_model == 32)
     for backend in available:
         xs = [x.clone().requires_grad_()] + [w.clone().requires_grad_() for w in weights]
@@ -184,13 +183,12 @@ def test_kernel_backends_agree(monkeypatch, d_model, ffn):
         # Experts without tokens still get a (zero) gradient: every parameter is in the graph.
         assert grads[1].view(n_local, ffn, d_model)[1].abs().sum() == 0
     # Only what is asked for: frozen input or frozen weights.
-    for backend in ("loop", "batched"):
-        ws = [w.clone().requires_grad_() for w in weights]
-        grouped_glu(x, *ws, counts, backend=backend).sum().backward()
-        assert all(torch.allclose(w.grad, g, atol=1e-5) for w, g in zip(ws, results["loop"][2:]))
-        xg = x.clone().requires_grad_()
-        grouped_glu(xg, *weights, counts, backend=backend).sum().backward()
-        assert torch.allclose(xg.grad, results["loop"][1], atol=1e-5)
+    ws = [w.clone().requires_grad_() for w in weights]
+    grouped_glu(x, *ws, counts, backend="loop").sum().backward()
+    assert all(torch.allclose(w.grad, g) for w, g in zip(ws, results["loop"][2:]))
+    xg = x.clone().requires_grad_()
+    grouped_glu(xg, *weights, counts, backend="loop").sum().backward()
+    assert torch.allclose(xg.grad, results["loop"][1])
     monkeypatch.setenv("DBRX_MOE_KERNEL", "grouped_mm")
     if d_model == 32:
         assert select_backend(x, weights[0], ffn) == "grouped_mm"
@@ -203,7 +201,7 @@ def test_kernel_backends_agree(monkeypatch, d_model, ffn):
     monkeypatch.setenv("DBRX_MOE_KERNEL", "megablocks")
     with pytest.raises(RuntimeError, match="gpu"):
         select_backend(x, weights[0], ffn)
-    assert set(BACKENDS) == {"megablocks", "grouped_mm", "batched", "loop"}
+    assert set(BACKENDS) == {"megablocks", "grouped_mm", "loop"}
 
 
 def test_no_tokens_at_all():
@@ -233,126 +231,3 @@ def test_deepspeed_group_name_convention():
     # Without an expert-parallel group the experts are plain data-parallel parameters.
     moe = random_moe(moe_config())
     assert not hasattr(moe.experts.w1, "allreduce")
-
-
-def _check_layout(counts: list[int], layout) -> None:
-    """Every expert's rows fit its block, blocks tile the packed rows, positions are distinct."""
-    rows = 0
-    for first, n, cap, start in layout.blocks:
-        assert start == rows and all(counts[e] <= cap for e in range(first, first + n))
-        rows += n * cap
-    assert rows == layout.rows >= sum(counts)
-    in_block = {e for first, n, _, _ in layout.blocks for e in range(first, first + n)}
-    assert all(e in in_block for e, c in enumerate(counts) if c)
-    row_expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    pos = layout.positions(row_expert)
-    assert pos.unique().numel() == pos.numel() and (pos.numel() == 0 or int(pos.max()) < layout.rows)
-    for first, n, cap, start in layout.blocks:
-        for e in range(first, first + n):
-            p = pos[row_expert == e]
-            lo = start + (e - first) * cap
-            assert torch.equal(p, torch.arange(lo, lo + counts[e]))
-
-
-@pytest.mark.parametrize("counts", [
-    [128] * 16,                                   # balanced: one batched block, no padding
-    [107, 150, 109, 117, 102, 155, 111, 160, 153, 118, 128, 130, 110, 129, 138, 131],
-    [2048] + [0] * 15,                            # everything on one expert
-    [0, 0, 7, 0, 0, 0, 0, 1],
-    [900, 3, 700, 1, 0, 5, 800, 2],               # very unbalanced
-    [0] * 8,
-])
-@pytest.mark.parametrize("d_model,ffn", [(128, 256), (512, 1024)])
-def test_packed_layout_is_dropless_and_pads_little(counts, d_model, ffn):
-    layout = plan_layout(torch.tensor(counts), d_model, ffn)
-    _check_layout(counts, layout)
-    total = sum(counts)
-    if len(set(counts)) == 1 and total:
-        assert len(layout.blocks) == 1 and layout.rows == total and layout.shift is None
-    # Padding stays below what one block padded to the largest count would cost, and
-    # very unbalanced routing is not padded into a huge buffer.
-    assert layout.rows <= len(counts) * max(counts)
-    if counts[0] == 900:
-        assert layout.rows < 1.1 * total
-    loop = plan_layout(torch.tensor(counts), d_model, ffn, batched=False)
-    _check_layout(counts, loop)
-    assert loop.rows == total and loop.shift is None
-
-
-def test_planner_models_threads_and_overhead():
-    # On 2 threads a batched GEMM over 3 experts takes as long as over 4: 2 + 1 is cheaper.
-    assert _plan_blocks([100, 100, 100, 100], 10.0, 2) == [(0, 4, 100)]
-    assert _plan_blocks([100, 100, 100], 10.0, 2) == [(0, 2, 100), (2, 3, 100)]
-    assert _plan_blocks([100, 100, 100], 10.0, 3) == [(0, 3, 100)]
-    # A huge per-block overhead: one block, padded to the largest count (trailing empty
-    # experts need no block: their weight gradients are zeros).
-    assert _plan_blocks([10, 200, 30, 0], 1e9, 2) == [(0, 3, 200)]
-    # No overhead: blocks of equal counts, no padding, empty experts dropped.
-    assert _plan_blocks([5, 5, 9, 9, 0, 0], 0.0, 1) == [(0, 2, 5), (2, 4, 9)]
-    # The linear scan for many experts also covers every expert with rows.
-    many = [3, 0, 5, 5, 40, 0, 1] * 20
-    runs = _plan_blocks(many, 4.0, 2)
-    covered = {e for f, end, _ in runs for e in range(f, end)}
-    assert all(e in covered for e, c in enumerate(many) if c)
-    assert all(max(many[f:end]) == cap for f, end, cap in runs)
-
-
-@pytest.mark.parametrize("d_model,ffn,n,seed", [(32, 16, 300, 0), (24, 40, 97, 1), (16, 8, 5, 2)])
-def test_packed_moe_matches_reference_with_padding(monkeypatch, d_model, ffn, n, seed):
-    """The fused batched path (padding included) against dense math, outputs and gradients."""
-    monkeypatch.setattr(kernels, "_BLOCK_OVERHEAD", 1e12)      # one block: maximal padding
-    cfg = moe_config(d_model=d_model, ffn_hidden_size=ffn, moe_top_k=3)
-    moe = random_moe(cfg, seed=seed)
-    x = torch.randn(n, d_model, requires_grad=True)
-    _, _, _, ids = moe.route(x.detach())
-    counts = torch.bincount(ids.reshape(-1), minlength=cfg.moe_num_experts)
-    assert plan_layout(counts, d_model, ffn).rows > n * 3          # padding is exercised
-    out, _ = moe(x)
-    x2 = x.detach().clone().requires_grad_()
-    expected = reference_mixture(moe, x2)
-    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    got = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
-    moe.zero_grad()
-    expected.backward(grad)
-    for g, w in zip(got, [x2.grad] + [p.grad for p in moe.parameters()]):
-        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
-
-
-def test_packed_moe_buffer_reuse_is_safe():
-    """Several forwards before their backwards, in any order, and no-grad calls in between:
-    pooled buffers are never shared by two live graphs."""
-    cfg = moe_config(moe_top_k=3)
-    moe = random_moe(cfg, seed=6)
-    xs = [torch.randn(64, cfg.d_model, requires_grad=True) for _ in range(3)]
-    grads = [torch.randn(64, cfg.d_model) for _ in range(3)]
-    want = []
-    for x, g in zip(xs, grads):                   # one at a time: the reference
-        moe.zero_grad()
-        out, _ = moe(x)
-        out.backward(g)
-        want.append((out.detach(), x.grad.clone(), moe.experts.w1.grad.clone()))
-        x.grad = None
-    outs = [moe(x)[0] for x in xs]
-    with torch.no_grad():
-        moe(torch.randn(64, cfg.d_model))
-    for i in (2, 0, 1):
-        moe.zero_grad()
-        outs[i].backward(grads[i])
-        assert torch.equal(outs[i].detach(), want[i][0])
-        assert torch.allclose(xs[i].grad, want[i][1], atol=1e-6)
-        assert torch.allclose(moe.experts.w1.grad, want[i][2], atol=1e-6)
-
-
-def test_packed_moe_second_backward_raises_and_loop_allows_it(monkeypatch):
-    moe = random_moe(moe_config())
-    x = torch.randn(40, 32, requires_grad=True)
-    out, _ = moe(x)
-    out.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="DBRX_MOE_KERNEL=loop"):
-        out.sum().backward()
-    monkeypatch.setenv("DBRX_MOE_KERNEL", "loop")
-    out, _ = moe(x)
-    out.sum().backward(retain_graph=True)
-    out.sum().backward()
