@@ -6,8 +6,11 @@ parallelism), and each rank then holds only its slice of every layer's experts.
 
 Loss convention (the Hugging Face one): `labels` are aligned with `input_ids`
 and shifted inside, so `model(ids, labels=ids)` trains next-token prediction;
-positions labelled -100 are ignored. The returned `loss` adds the auxiliary
-MoE losses weighted by the config (`moe_loss_weight`, `moe_z_loss_weight`).
+`shift_labels` are already shifted (target of position i at i, as packed
+training data comes); positions labelled -100 are ignored. The returned `loss`
+adds the auxiliary MoE losses weighted by the config (`moe_loss_weight`,
+`moe_z_loss_weight`). The LM loss never materialises the (tokens x vocab)
+logits (model.loss); pass `return_logits=False` to skip them altogether.
 """
 
 from __future__ import annotations
@@ -24,13 +27,11 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import KVCache, rotary_tables
 from model.block import DBRXBlock
 from model.config import DBRXConfig
+from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.moe import Experts, expert_group_name
 
 if TYPE_CHECKING:
     from model.generate import GenerationOutput
-
-IGNORE_INDEX = -100
-
 
 def objective(cfg: DBRXConfig, lm_loss: torch.Tensor, lb_loss: torch.Tensor,
               z_loss: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,8 @@ def objective(cfg: DBRXConfig, lm_loss: torch.Tensor, lb_loss: torch.Tensor,
 
 @dataclass
 class DBRXOutput:
-    logits: torch.Tensor                   # (batch, seq, vocab); (batch, 1, vocab) with last_logits_only
+    logits: Optional[torch.Tensor]         # (batch, seq, vocab); (batch, 1, vocab) with last_logits_only;
+                                           # None with return_logits=False
     loss: Optional[torch.Tensor]           # lm_loss + weighted aux losses, when labels are given
     lm_loss: Optional[torch.Tensor]        # next-token cross entropy, when labels are given
     lb_loss: torch.Tensor                  # load-balancing loss, mean over layers, unweighted
@@ -138,6 +140,8 @@ class DBRX(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                shift_labels: Optional[torch.Tensor] = None,
+                return_logits: bool = True,
                 attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None,
@@ -153,14 +157,21 @@ class DBRX(nn.Module):
         kv_cache: a KVCache to read and extend (model.generate); its length
             advances by seq.
         last_logits_only: compute logits for the last position only (decoding).
+        labels / shift_labels: targets aligned with input_ids (shifted here) or
+            already shifted (shift_labels[:, i] follows position i); give at most one.
+        return_logits: False leaves `logits` None (training: only the loss is needed).
         """
         b, t = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + t > self.cfg.max_seq_len:
             raise ValueError(f"{past + t} positions exceed the model context "
                              f"max_seq_len={self.cfg.max_seq_len}")
-        if labels is not None and last_logits_only:
-            raise ValueError("labels need the logits of every position; drop last_logits_only")
+        if labels is not None and shift_labels is not None:
+            raise ValueError("give labels (shifted inside) or shift_labels (already shifted), not both")
+        if labels is not None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if shift_labels is not None and last_logits_only:
+            raise ValueError("labels need the hidden states of every position; drop last_logits_only")
         mask = self._padding_mask(b, t, past, input_ids.device, attention_mask, kv_cache)
         if position_ids is None:
             position_ids = self._positions(b, t, past, input_ids.device, mask)
@@ -186,13 +197,12 @@ class DBRX(nn.Module):
         x = self.norm_f(x)
         if last_logits_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if return_logits else None
         lb_loss, z_loss = torch.stack(lb).mean(), torch.stack(z).mean()
 
         loss = lm_loss = None
-        if labels is not None:
-            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                      labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        if shift_labels is not None:
+            lm_loss = linear_cross_entropy(x, self.lm_head.weight, shift_labels)
             loss = objective(self.cfg, lm_loss, lb_loss, z_loss)
         return DBRXOutput(logits=logits, loss=loss, lm_loss=lm_loss, lb_loss=lb_loss, z_loss=z_loss,
                           expert_counts=torch.stack(counts), kv_cache=kv_cache)

@@ -28,6 +28,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def terraform_preview(cfg) -> str:
+    """What provisioning would do: `terraform plan`'s summary for the job's max_nodes, or
+    why there is none (e.g. the module's providers cannot be downloaded from here)."""
+    from platform.provision.nodes import Provisioner
+
+    address = cfg.cluster.ray_address or f"127.0.0.1:{cfg.cluster.head_port}"
+    return Provisioner.for_job(cfg, address).plan_summary(cfg.cluster.max_nodes)
+
+
 def main(argv: list[str]) -> int:
     from platform.config import load_job
     from platform.plan import make_plan, render
@@ -45,6 +54,8 @@ def main(argv: list[str]) -> int:
                         "model.activation_checkpointing, lower train.micro_batch_size or "
                         "train.seq_len, or add nodes")
     if args.dry_run:
+        if not args.json:
+            print(terraform_preview(cfg))
         return 0
     if args.detach:
         from platform.jobs import submit_detached

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,23 +13,23 @@ from typing import Optional
 
 import numpy as np
 
+from _mlflow_server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "conf" / "local_tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:
     """One submission of local_tiny in its own state dir, head port and dashboard port."""
 
-    def __init__(self, home: Path, *overrides: str, name: str = "e2e") -> None:
+    def __init__(self, home: Path, *overrides: str, name: str = "e2e",
+                 tracking_uri: Optional[str] = None) -> None:
         self.home, self.name = Path(home), name
         self.ports = [f"cluster.head_port={free_port()}", f"cluster.dashboard_port={free_port()}"]
-        self.overrides = [f"name={name}", *self.ports, *overrides]
+        self.tracking_uri = tracking_uri or f"sqlite:///{self.home}/mlflow.db"
+        tracking = ([f"tracking.tracking_uri={tracking_uri}", "tracking.artifact_location="]
+                    if tracking_uri else [])
+        self.overrides = [f"name={name}", *self.ports, *tracking, *overrides]
         self.log = self.home / f"submit-{int(time.time() * 1000)}.log"
         self.proc: Optional[subprocess.Popen] = None
 
@@ -64,7 +63,7 @@ class Job:
     def mlflow(self):
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(tracking_uri=f"sqlite:///{self.home}/mlflow.db")
+        return MlflowClient(tracking_uri=self.tracking_uri)
 
     def find_run(self):
         """The job's MLflow run, or None before the job has created it."""

@@ -7,6 +7,7 @@ MLflow on SQLite, checkpoints on disk or on a local S3 server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from _e2e import TINY, Job, unigram_entropy, wait_for
+from _mlflow_server import MlflowServer, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -58,44 +60,124 @@ def test_local_tiny_learns_and_leaves_nothing_running(tmp_path):
     assert "registered dbrx-tiny version 1 from step 157" in out   # promote.auto on the tiny job
 
 
-SHORT = ["cluster.min_nodes=2", "train.total_tokens=24576", "checkpoint.every_steps=4",
-         "train.eval_every_steps=1000", "promote.auto=false"]     # 12 steps on 2 workers
+SHORT = ["cluster.min_nodes=2", "train.total_tokens=24576", "checkpoint.every_steps=3",
+         "train.eval_every_steps=1000", "promote.auto=false"]  # 12 steps on 2 workers; commits 3, 6, 9, 12
+STEPS = list(range(1, 13))
 
 
-def _s3_env(monkeypatch, endpoint: str) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+class Reference:
+    """The uninterrupted SHORT run: its losses are what every faulted run must reproduce."""
+
+    def __init__(self, job: Job, server: MlflowServer) -> None:
+        self.job, self.server = job, server
+        self.losses = job.metric("loss")
 
 
-def test_kill9_worker_resumes_with_identical_losses_on_s3(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
-    reference = Job(tmp_path / "ref", *SHORT)
-    assert reference.run(timeout=900) == 0, reference.output()[-4000:]
-    expected = reference.metric("loss")
-    assert sorted(expected) == list(range(1, 13))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The SHORT run, tracked on a real MLflow server that is down from step 1 until step 6
+    is checkpointed (so several steps' metrics, and a checkpoint, happen while it is down)."""
+    root = tmp_path_factory.mktemp("reference")
+    server = MlflowServer(root, free_port())
+    server.start()
+    try:
+        job = Job(root / "home", *SHORT, tracking_uri=server.url).start()
+        wait_for(lambda: job.proc.poll() is None and job.metric("loss"), 600, "the first logged step")
+        server.stop()                                            # MLflow stops answering mid-run
+        wait_for(lambda: job.proc.poll() is not None or 6 in job.committed_steps(), 600,
+                 "step 6 while MLflow is down")
+        server.start()                                           # and comes back
+        assert job.wait(900) == 0, job.output()[-4000:]
+        yield Reference(job, server)
+    finally:
+        server.stop()
 
-    _s3_env(monkeypatch, s3_endpoint)
+
+def assert_same_losses(got: dict[int, float], reference: Reference) -> None:
+    """Exact resume: every step's loss equals the uninterrupted run's (fp32 on CPU)."""
+    assert sorted(got) == STEPS
+    for step in STEPS:
+        want = reference.losses[step]
+        assert abs(got[step] - want) / abs(want) < 1e-5, (step, got, reference.losses)
+
+
+def events(job: Job, name: str) -> list[dict]:
+    tags = job.run_info().data.tags
+    return [json.loads(v) for k, v in sorted(tags.items())
+            if k.startswith("event.") and k.endswith(f".{name}")]
+
+
+def test_mlflow_outage_mid_run_finishes_and_every_metric_arrives(reference):
+    job = reference.job
+    assert sorted(reference.losses) == STEPS                     # the steps logged while it was down too
+    for key in ("lm_loss", "grad_norm", "tokens_per_s", "world_size", "expert_load/layer03/e15"):
+        assert sorted(job.metric(key))[-12:] == STEPS, key
+    assert sorted(job.metric("checkpoint_save_s")) == [3, 6, 9, 12]
+    assert job.run_info().info.status == "FINISHED"
+    out = job.output()
+    assert "is unreachable" in out and "is reachable again" in out
+
+
+def test_kill9_worker_resumes_with_identical_losses_on_s3(reference, tmp_path, s3_endpoint, s3_bucket,
+                                                          monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     job = Job(tmp_path / "s3", *SHORT, f"checkpoint.uri=s3://{s3_bucket}/ckpt",
               f"checkpoint.s3_endpoint_url={s3_endpoint}").start()
-    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 6, 600,
-             "step 6 (after the checkpoint at step 4)")
+    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 7, 600,
+             "step 7 (after the checkpoint at step 6)")
     pids = job.worker_pids()
     assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGKILL)
     assert job.wait(900) == 0, job.output()[-4000:]
 
-    got = job.metric("loss")
-    assert sorted(got) == list(range(1, 13))
-    for step in range(1, 13):
-        assert abs(got[step] - expected[step]) / abs(expected[step]) < 1e-5, (step, got, expected)
+    assert_same_losses(job.metric("loss"), reference)
     # Ray Train restarted the workers once and the run records why
-    assert job.metric("events.restart") and max(job.metric("events.restart").values()) == 1
-    tags = job.run_info().data.tags
-    restart = [v for k, v in tags.items() if k.startswith("event.") and k.endswith(".restart")]
-    assert restart and "rank" in restart[0]
-    assert min(job.metric("resumed_step").values()) == 4
+    assert max(job.metric("events.restart").values()) == 1
+    restart = events(job, "restart")
+    assert restart and "rank" in restart[0]["cause"]
+    assert min(job.metric("resumed_step").values()) == 6
     from platform.checkpoint import CheckpointStore
 
     store = CheckpointStore(f"s3://{s3_bucket}/ckpt/e2e", endpoint_url=s3_endpoint)
     assert store.list_committed()[-1] == 12
+
+
+def test_checkpoint_faults_are_never_loaded_and_do_not_change_the_losses(reference, tmp_path):
+    job = Job(tmp_path / "home", *SHORT).start()
+    ckpts = job.checkpoint_dir()
+    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 4, 600, "step 4")
+    pids = job.worker_pids()
+    assert len(pids) == 2, pids
+
+    # 1. Every worker dies while step 6 is being written.
+    wait_for(lambda: list((ckpts / ".staging").glob("step_000000006-*")), 300,
+             "the checkpoint of step 6 to be staged", poll=0.01)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert 6 not in job.committed_steps()                       # the half-written one stays invisible
+
+    # 2. After the restart (from step 3), a committed checkpoint is corrupted on disk.
+    wait_for(lambda: job.proc.poll() is None and 9 in job.committed_steps(), 600,
+             "step 9 to be committed after the restart")
+    shard = max((ckpts / "step_000000009").glob("model-*.safetensors"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:                                # one flipped byte mid-file
+        f.seek(shard.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    wait_for(lambda: max(job.metric("loss") or {0: 0}) >= 10, 600, "step 10")
+    assert 12 not in job.committed_steps()
+    os.kill(job.worker_pids()[0], signal.SIGKILL)               # the next resume must read step 9
+    assert job.wait(900) == 0, job.output()[-4000:]
+
+    assert_same_losses(job.metric("loss"), reference)
+    assert sorted(set(job.metric("resumed_step").values())) == [3.0, 6.0]
+    fallback = events(job, "checkpoint_fallback")
+    assert [(e["skipped_step"], e["used_step"]) for e in fallback] == [(9, 6)], fallback
+    assert "sha256" in fallback[0]["reason"], fallback
+    assert "skipped (" in job.output()                           # said in the log too
+    assert job.committed_steps()[-1] == 12
+    assert not list((ckpts / ".staging").glob("*"))              # the crashed write was cleaned up
 
 
 def _provisioner(job: Job, monkeypatch):
@@ -107,59 +189,62 @@ def _provisioner(job: Job, monkeypatch):
     return Provisioner.for_job(cfg, f"127.0.0.1:{cfg.cluster.head_port}")
 
 
-def _kill_node(node) -> None:
+def _kill_node(prov, suffix: str = "-node-1"):
+    """Every process of one local node dies at once (a hardware fault); returns the node."""
     from platform.provision import procs
 
+    node = next(n for n in prov.nodes() if n.name.endswith(suffix))
     leader_start = procs.start_time(node.pid)
     for pid in procs.session_members(node.pid, leader_start):
         os.kill(pid, signal.SIGKILL)
+    return node
 
 
-LONGER = ["train.total_tokens=61440", "checkpoint.every_steps=5", "train.eval_every_steps=1000",
+def _runs(values: list[float]) -> list[float]:
+    """Consecutive distinct values: [2, 2, 1, 1, 2] -> [2, 1, 2]."""
+    return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+
+
+LONGER = ["train.total_tokens=61440", "checkpoint.every_steps=4", "train.eval_every_steps=1000",
           "promote.auto=false"]                                  # 30 steps
 
 
-def test_lost_node_is_replaced_and_the_run_grows_back(tmp_path, monkeypatch):
-    boot = tmp_path / "boot-delay"
-    job = Job(tmp_path / "home", *LONGER,
-              f"cluster.terraform_vars={{boot_delay_file: '{boot}'}}").start()
-    wait_for(lambda: max(job.metric("loss") or {0: 0}) >= 7, 600, "step 7")
-    boot.write_text("45")                                      # a replacement takes a while to boot
+def test_lost_nodes_are_replaced_the_run_shrinks_meanwhile_and_finishes_when_capacity_runs_out(
+        tmp_path, monkeypatch):
+    boot, exhausted = tmp_path / "boot-delay", tmp_path / "no-capacity"
+    job = Job(tmp_path / "home", *LONGER, "cluster.terraform_vars={boot_delay_file: '%s', "
+              "capacity_exhausted_file: '%s'}" % (boot, exhausted)).start()
+    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 4, 600, "step 4")
     prov = _provisioner(job, monkeypatch)
-    victim = next(n for n in prov.nodes() if n.name.endswith("-node-1"))
-    _kill_node(victim)
-    assert job.wait(1200) == 0, job.output()[-4000:]
+    boot.write_text("30")                                      # a replacement takes a while to boot
+    first = _kill_node(prov)
+    # The run goes on with the survivor while Terraform replaces the node, then grows back.
+    wait_for(lambda: _runs(job.history("world_size"))[-3:] == [2.0, 1.0, 2.0], 600,
+             "the run to shrink to 1 worker and grow back to 2")
+    replaced = next(n for n in prov.nodes() if n.name == first.name)
+    assert replaced.instance_id != first.instance_id
+    grown_at = max(job.metric("loss"))
+    assert grown_at < 30, "the run finished before it grew back"
 
-    losses = job.metric("loss")
-    assert sorted(losses) == list(range(1, 31))               # no step lost
-    assert job.history("world_size")[-1] == 2.0                # back to 2 workers at the end
-    for event in ("restart", "node_lost", "node_replaced"):
-        assert job.metric(f"events.{event}"), event
-    assert "capacity was short" not in job.output()
-
-
-def test_no_capacity_for_a_replacement_finishes_on_one_worker(tmp_path, monkeypatch):
-    exhausted = tmp_path / "no-capacity"
-    job = Job(tmp_path / "home", *LONGER,
-              f"cluster.terraform_vars={{capacity_exhausted_file: '{exhausted}'}}").start()
-    wait_for(lambda: max(job.metric("loss") or {0: 0}) >= 7, 600, "step 7")
     exhausted.touch()                                          # capacity dries up
-    prov = _provisioner(job, monkeypatch)
-    _kill_node(next(n for n in prov.nodes() if n.name.endswith("-node-1")))
+    _kill_node(prov)
     assert job.wait(1200) == 0, job.output()[-4000:]
+    assert sorted(job.metric("loss")) == list(range(1, 31))     # no step lost
+    assert _runs(job.history("world_size"))[-4:] == [2.0, 1.0, 2.0, 1.0]
+    for event in ("restart", "node_lost", "node_replaced", "world_size_change", "capacity_short"):
+        assert job.metric(f"events.{event}"), event
+    assert max(job.metric("events.node_lost").values()) == 2
     out = job.output()
     assert "capacity was short" in out and "InsufficientInstanceCapacity" in out
-    sizes = job.metric("world_size")
-    assert sizes[max(sizes)] == 1.0
-    assert sorted(job.metric("loss")) == list(range(1, 31))
-    assert job.metric("events.capacity_short")
+    assert "finished at step 30 on 1 worker" in out
 
 
 def test_killed_controller_resubmits_and_spot_notice_checkpoints_within_a_step(tmp_path, monkeypatch):
     from platform.provision.preemption import deliver_notice
 
-    job = Job(tmp_path / "home", *LONGER, "checkpoint.every_steps=100").start()
-    wait_for(lambda: max(job.metric("loss") or {0: 0}) >= 4, 600, "step 4")
+    job = Job(tmp_path / "home", "train.total_tokens=32768", "checkpoint.every_steps=100",
+              "train.eval_every_steps=1000", "promote.auto=false").start()   # 16 steps
+    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 3, 600, "step 3")
     prov = _provisioner(job, monkeypatch)
     node = prov.nodes()[0]
     noticed_at = max(job.metric("loss"))
@@ -175,5 +260,5 @@ def test_killed_controller_resubmits_and_spot_notice_checkpoints_within_a_step(t
     resumed.ports, resumed.overrides = job.ports, job.overrides   # the same job, resubmitted
     assert resumed.run(timeout=1200) == 0, resumed.output()[-4000:]
     assert latest in resumed.metric("resumed_step").values()
-    assert sorted(resumed.metric("loss")) == list(range(1, 31))
+    assert sorted(resumed.metric("loss")) == list(range(1, 17))
     assert resumed.run_info().info.run_id == job.run_info().info.run_id

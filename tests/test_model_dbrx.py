@@ -45,6 +45,11 @@ def test_output_fields_and_loss_composition():
     assert all(p.grad is not None for p in model.parameters())
     no_labels = model(ids)
     assert no_labels.loss is None and no_labels.lm_loss is None
+    # Packed training data comes already shifted: the same loss, no logits materialised.
+    shifted = model(ids[:, :-1], shift_labels=labels[:, 1:], return_logits=False)
+    assert shifted.logits is None and torch.allclose(shifted.lm_loss, want_lm, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, labels=labels, shift_labels=labels)
 
 
 def test_activation_checkpointing_same_loss_and_gradients():

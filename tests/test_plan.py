@@ -87,3 +87,8 @@ def test_dry_run_is_quick_and_prints_the_plan(config):
     for fragment in ("parameters total", "active per token", "tokens per step", "EP",
                      "memory per worker", "$/hour"):
         assert fragment in proc.stdout
+    # What Terraform would do, or why it cannot say (infra/aws needs the AWS provider's download).
+    if config == TINY:
+        assert "Terraform plan (infra/local):" in proc.stdout and "2 to add" in proc.stdout, proc.stdout
+    else:
+        assert "Terraform plan (infra/aws):" in proc.stdout, proc.stdout

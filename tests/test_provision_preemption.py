@@ -155,3 +155,19 @@ def test_off_a_platform_node_registration_is_a_no_op(monkeypatch):
     monkeypatch.delenv(preemption.NODE_DIR_ENV, raising=False)
     assert preemption.register_worker() is None
     assert preemption.pending_notice() is None
+
+
+def test_a_handled_notice_is_not_answered_again_by_restarted_workers(tmp_path):
+    node_dir = tmp_path / "node"
+    assert preemption.unhandled_notice(node_dir) is None
+    preemption.deliver_notice(node_dir, source="controller")
+    first = preemption.unhandled_notice(node_dir)
+    assert first is not None and first == preemption.pending_notice(node_dir)
+    preemption.mark_handled(first, node_dir)
+    # A worker started later on the same node (new worker group, resubmitted job) sees it answered.
+    assert preemption.unhandled_notice(node_dir) is None
+    assert preemption.pending_notice(node_dir) == first           # the notice itself stays
+    time.sleep(0.01)
+    preemption.deliver_notice(node_dir, action="stop", source="controller")   # a new notice
+    second = preemption.unhandled_notice(node_dir)
+    assert second is not None and second.action == "stop" and second.noticed_at != first.noticed_at

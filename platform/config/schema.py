@@ -42,6 +42,10 @@ class ClusterConfig:
     node_object_store_mb: int = 300    # local nodes only: object store cap per Ray node
     node_join_timeout_s: float = 180.0
     resize_check_interval_s: float = 60.0   # how often a healthy run looks for nodes to grow onto
+    # How long Ray Train waits to place a (re)started worker group before it decides the
+    # size again. After a node loss its first decision may still count the lost node; this
+    # bounds how long the run waits for it before continuing on the survivors.
+    worker_start_timeout_s: float = 120.0
     keep_cluster: bool = False         # skip teardown at the end of the job
     tags: Dict[str, str] = field(default_factory=dict)
     package_ref: str = ""              # aws: pip requirement nodes install ("": dbrx-platform==<version>)

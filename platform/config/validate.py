@@ -71,6 +71,8 @@ def _check_cluster(cfg: JobConfig, bad) -> None:
         _check_port(bad, f"cluster.{key}", getattr(c, key))
     if c.node_join_timeout_s <= 0:
         bad("cluster.node_join_timeout_s", f"must be positive, got {c.node_join_timeout_s}")
+    if c.worker_start_timeout_s <= 0:
+        bad("cluster.worker_start_timeout_s", f"must be positive, got {c.worker_start_timeout_s}")
 
 
 def _check_train(cfg: JobConfig, bad) -> None:

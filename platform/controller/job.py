@@ -141,11 +141,13 @@ class Controller:
     def _train(self, data_path: str) -> Outcome:
         from platform.controller.progress import ProgressBar
         from platform.controller.reconcile import Reconciler
+        from platform.train.reservations import refresh_cluster_view
         from platform.train.trainer import run_training
 
         c = self.cfg.cluster
         reconciler = Reconciler(self.provisioner, c.max_nodes, c.min_nodes, event=self._event,
-                                interval_s=min(10.0, c.resize_check_interval_s))
+                                interval_s=min(10.0, c.resize_check_interval_s),
+                                on_change=refresh_cluster_view)
         reconciler.capacity.failures.extend(self.capacity_failures)
         reconciler.start()
         board = f"progress-{self.cfg.name}-{uuid.uuid4().hex[:8]}"

@@ -60,8 +60,8 @@ class ProgressBar:
                 state = ray.get(self.board.get.remote(), timeout=10)
             except Exception:  # the board restarts with the cluster; keep drawing
                 state = None
-            if state and state["step"]:
-                self.last = state
+            if state and state["step"] and state["step"] != shown:   # redraw on progress only:
+                self.last = state                                    # a log file gets one line a step
                 bar.update(max(0, state["step"] - shown))
                 shown = state["step"]
                 bar.set_postfix(loss=f"{state['loss']:.3f}", tok_s=f"{state['tokens_per_s']:.0f}",

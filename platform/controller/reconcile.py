@@ -7,6 +7,9 @@ if Terraform cannot (no capacity, a failing apply), the node is removed so
 the run continues on the survivors, and the missing capacity is requested
 again later with backoff. Ray Train's elastic scaling does the rest: it
 restarts the worker group on fewer nodes, and grows back when nodes join.
+Whenever the set of live nodes changes, `on_change` is called, so the
+training side can look at the cluster again at once instead of on its own
+slower schedule (platform.train.trainer.refresh_cluster_view).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class CapacityReport:
 class Reconciler(threading.Thread):
     def __init__(self, provisioner, desired: int, minimum: int, *,
                  event: Callable[..., None], interval_s: float = 5.0,
-                 retry_s: float = 30.0, max_retry_s: float = 600.0) -> None:
+                 retry_s: float = 30.0, max_retry_s: float = 600.0,
+                 on_change: Optional[Callable[[], None]] = None) -> None:
         super().__init__(name="reconciler", daemon=True)
         self.provisioner, self.desired, self.minimum = provisioner, desired, minimum
         self.event, self.interval_s = event, interval_s
@@ -45,6 +49,8 @@ class Reconciler(threading.Thread):
         self.capacity = CapacityReport()
         self._halt = threading.Event()
         self._seen_alive: set[str] = set()
+        self._last_live: Optional[set[str]] = None
+        self.on_change = on_change
         self._next_grow = 0.0
         self._backoff = retry_s
         self.errors = 0
@@ -64,6 +70,9 @@ class Reconciler(threading.Thread):
 
     def reconcile_once(self) -> None:
         live = self.provisioner.live_ray_nodes()
+        if self._last_live is not None and set(live) != self._last_live and self.on_change:
+            self.on_change()
+        self._last_live = set(live)
         provisioned = [n.name for n in self.provisioner.nodes()]
         self._seen_alive |= set(live)
         lost = [name for name in provisioned if name not in live and name in self._seen_alive]

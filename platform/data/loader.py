@@ -3,7 +3,7 @@
     data = TrainingData(job_cfg, ensure_prepared(job_cfg))      # or a cache path
     for step, micro_batches in data.batches(rank, world_size, start_sequences=consumed):
         for mb in micro_batches:          # LongTensor [micro_batch_size, seq_len + 1]
-            loss = model(mb[:, :-1], labels=mb[:, 1:])
+            loss = model(mb[:, :-1], shift_labels=mb[:, 1:]).loss
         consumed += data.global_batch_size   # store in the checkpoint
 
 Global batch s is the same sequences in the same order whatever the number of workers:

@@ -108,6 +108,14 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+# Ray's GCS declares a node dead after `failure_threshold` failed health checks
+# `period_ms` apart (defaults 5 x 3 s). A local node is a process on this host: a
+# dead one refuses the check at once, so 3 x 1 s notices a lost node within ~3 s
+# and the run moves to the survivors sooner; a merely slow one still has Ray's
+# 10 s timeout per check.
+LOCAL_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+
 @dataclasses.dataclass
 class LocalHead:
     """A Ray head on 127.0.0.1:`port`, started here or found already running."""
@@ -164,7 +172,7 @@ class LocalHead:
             return self
         ensure_auth_token()
         self._dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **ray_auth_env()}
+        env = {**os.environ, **ray_auth_env(), **LOCAL_HEALTH_CHECKS}
         cmd = [ray_bin(), "start", "--head", "--block", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",

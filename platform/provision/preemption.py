@@ -12,9 +12,12 @@ The same on AWS nodes and on local nodes (infra/*/ set it up):
   registered worker that is alive, is the same process (start time) and said
   it handles the signal. A worker that did not install a handler never gets
   the signal, whose default action would kill it.
-* The worker checks :func:`pending_notice` at each step boundary (a stat of
+* The worker checks :func:`unhandled_notice` at each step boundary (a stat of
   one file) and, when there is one, checkpoints before the deadline: AWS gives
-  two minutes between the notice and the stop.
+  two minutes between the notice and the stop. It then calls
+  :func:`mark_handled`, which records the notice in ``preemption.handled``, so
+  workers restarted on the same node (a resubmitted job, a restarted worker
+  group) do not checkpoint again for a notice that was already answered.
 
 On AWS `python -m platform.provision.preemption watch` polls IMDSv2
 (spot/instance-action) as a systemd service. Locally, `... notify --node-dir
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 NODE_DIR_ENV = "DBRX_NODE_DIR"
 NOTICE_FILE = "preemption.json"
+HANDLED_FILE = "preemption.handled"
 WORKERS_DIR = "workers"
 NOTICE_SIGNAL = signal.SIGUSR1
 IMDS_URL = "http://169.254.169.254"
@@ -101,6 +105,26 @@ def pending_notice(directory: str | os.PathLike | None = None) -> Notice | None:
         return Notice(**{f.name: data[f.name] for f in dataclasses.fields(Notice)})
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
+
+
+def unhandled_notice(directory: str | os.PathLike | None = None) -> Notice | None:
+    """The node's interruption notice unless a checkpoint already answered it (mark_handled)."""
+    notice = pending_notice(directory)
+    if notice is None:
+        return None
+    try:
+        handled = json.loads((node_dir(directory) / HANDLED_FILE).read_text()).get("noticed_at")
+    except (FileNotFoundError, ValueError, AttributeError):
+        handled = None
+    return None if handled == notice.noticed_at else notice
+
+
+def mark_handled(notice: Notice, directory: str | os.PathLike | None = None) -> None:
+    """Record that `notice` was answered with a checkpoint (idempotent; shared by the
+    node's workers)."""
+    base = node_dir(directory)
+    if base is not None:
+        _atomic_write(base / HANDLED_FILE, {"noticed_at": notice.noticed_at, "pid": os.getpid()})
 
 
 def registered_workers(directory: str | os.PathLike) -> list[tuple[int, bool]]:

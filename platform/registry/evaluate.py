@@ -39,7 +39,6 @@ def heldout_batches(cfg: "JobConfig") -> list["torch.Tensor"]:
 def heldout_loss(model: "DBRX", batches: list["torch.Tensor"]) -> float:
     """Mean next-token cross entropy of `model` over `batches`."""
     import torch
-    import torch.nn.functional as F
 
     model.eval()
     total = 0.0
@@ -48,6 +47,5 @@ def heldout_loss(model: "DBRX", batches: list["torch.Tensor"]) -> float:
             if int(mb.max()) >= model.cfg.vocab_size:
                 raise UserError(f"held-out tokens reach id {int(mb.max())} but the model's vocab_size is "
                                 f"{model.cfg.vocab_size}: the data was tokenized for another model")
-            logits = model(mb[:, :-1]).logits
-            total += F.cross_entropy(logits.flatten(0, 1).float(), mb[:, 1:].flatten()).item()
+            total += model(mb[:, :-1], shift_labels=mb[:, 1:], return_logits=False).lm_loss.item()
     return total / len(batches)

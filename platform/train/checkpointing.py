@@ -82,6 +82,10 @@ def resume(store: CheckpointStore, eng, model, *, rank: int, world_size: int) ->
     start = time.perf_counter()
     choice: tuple[Optional[int], list] = (None, [])
     if rank == 0:
+        # Whatever a crashed writer left (staging folders, uncommitted uploads) is garbage
+        # now: Ray Train stops a worker group before it starts the next, so no writer of
+        # this job is at work while its workers resume.
+        store.cleanup(older_than_s=0)
         ckpt, skipped = store.latest_valid(verify=True)
         choice = (None if ckpt is None else ckpt.step, skipped)
     step, skipped = broadcast(choice)

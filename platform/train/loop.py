@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
-from model.dbrx import objective
 
 from platform.config.schema import JobConfig
 from platform.train.collectives import mean_, sum_
@@ -32,23 +29,25 @@ class PreemptionWatch:
     notify` locally) writes a notice file in the node's directory and signals
     registered workers; Ray Train runs this loop off the main thread, where no
     signal handler can be installed, so the file is polled: one stat per step.
-    Each notice triggers one checkpoint.
+    Each notice triggers one checkpoint, also across worker restarts on the node
+    (the node directory remembers which notice was answered).
     """
 
     def __init__(self) -> None:
         from platform.provision import preemption
 
         self._preemption = preemption
-        self._handled: Optional[float] = None
+        self._notice = None
         preemption.register_worker()
 
     def pending(self) -> bool:
-        notice = self._preemption.pending_notice()
-        return notice is not None and notice.noticed_at != self._handled
+        self._notice = self._preemption.unhandled_notice()
+        return self._notice is not None
 
     def handled(self) -> None:
-        notice = self._preemption.pending_notice()
-        self._handled = notice.noticed_at if notice else None
+        if self._notice is not None:
+            self._preemption.mark_handled(self._notice)
+        self._notice = None
 
     def close(self) -> None:
         self._preemption.unregister_worker()
@@ -64,11 +63,11 @@ class StepStats:
     expert_counts: torch.Tensor      # (layers, experts), summed over the global batch
 
 
-def training_loss(model, tokens: torch.Tensor, cfg: JobConfig):
-    """Next-token loss of packed sequences [micro, seq_len+1] plus weighted aux losses."""
-    out = model(tokens[:, :-1])
-    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-    return objective(cfg.model, lm, out.lb_loss, out.z_loss), lm, out
+def training_loss(model, tokens: torch.Tensor):
+    """(objective, LM loss, model output) of packed sequences [micro, seq_len+1]: next-token
+    cross entropy (never materialising the logits) plus the weighted aux losses."""
+    out = model(tokens[:, :-1], shift_labels=tokens[:, 1:], return_logits=False)
+    return out.loss, out.lm_loss, out
 
 
 def train_step(eng: Engine, micro_batches: list[torch.Tensor], cfg: JobConfig,
@@ -77,7 +76,7 @@ def train_step(eng: Engine, micro_batches: list[torch.Tensor], cfg: JobConfig,
     sums = torch.zeros(4, dtype=torch.float64)
     counts = None
     for mb in micro_batches:
-        loss, lm, out = training_loss(eng.engine, mb.to(device), cfg)
+        loss, lm, out = training_loss(eng.engine, mb.to(device))
         eng.engine.backward(loss)
         eng.engine.step()
         sums += torch.tensor([loss.item(), lm.item(), out.lb_loss.item(), out.z_loss.item()],
@@ -99,7 +98,7 @@ def evaluate(eng: Engine, data, cfg: JobConfig, rank: int, world_size: int,
     total, n = torch.zeros(2, dtype=torch.float64), 0
     for micro_batches in data.eval_batches(rank, world_size):
         for mb in micro_batches:
-            _, lm, _ = training_loss(eng.engine, mb.to(device), cfg)
+            _, lm, _ = training_loss(eng.engine, mb.to(device))
             total += torch.tensor([lm.item(), 1.0], dtype=torch.float64)
             n += 1
     eng.engine.train()

@@ -10,12 +10,14 @@ resumes from the latest checkpoint with the layout of the new size.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Optional
 
 from ray.train import UserCallback
 
 from platform.config.schema import JobConfig
 from platform.layout import allowed_layouts
+from platform.train import reservations
 from platform.train.worker import WorkerArgs, train_worker
 
 log = logging.getLogger("platform.train")
@@ -63,6 +65,9 @@ def run_training(cfg: JobConfig, *, run_id: Optional[str], data_path: str, total
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
+    # Read by Ray Train's controller (propagated from this process): a worker group that
+    # cannot be placed in time is given up and sized again from the live nodes.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c.worker_start_timeout_s)
     lo, hi = worker_count_range(cfg)
     resources: Dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.gpus_per_node == 0:
@@ -75,6 +80,8 @@ def run_training(cfg: JobConfig, *, run_id: Optional[str], data_path: str, total
     )
     args = WorkerArgs(cfg=cfg, run_id=run_id, data_path=data_path, total_steps=total_steps,
                       progress_actor=progress_actor, stop_after_step=stop_after_step)
+    run_file = os.path.join(storage_path, f".{cfg.name}.ray-train-run")
+    reservations.release_previous(run_file)
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"args": args},
@@ -84,7 +91,7 @@ def run_training(cfg: JobConfig, *, run_id: Optional[str], data_path: str, total
             name=cfg.name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[RestartRecorder(cfg, run_id)],
+            callbacks=[RestartRecorder(cfg, run_id), *reservations.recorder(run_file)],
             worker_runtime_env={"env_vars": dict(env or {})},
             # Ray Train's INFO lines repeat every resize check; warnings still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
