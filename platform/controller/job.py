@@ -54,6 +54,7 @@ class Controller:
 
     def run(self) -> int:
         outcome = Outcome(status="FAILED")
+        _stop_on_sigterm()
         try:
             data_path = self._prepare_data()
             self._connect()
@@ -91,9 +92,10 @@ class Controller:
         # inherits this, so Ray's own address lookups never pick another Ray
         # instance that happens to run on the same host.
         os.environ["RAY_ADDRESS"] = address
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        context = ray.init(address=address, log_to_driver=True, configure_logging=False)
+        _stop_on_sigterm()   # again: ray.init installs a SIGTERM handler of its own (exit, no teardown)
         self.address = address
-        dashboard = self.head.dashboard_url if self.head else ray.get_runtime_context().dashboard_url
+        dashboard = self.head.dashboard_url if self.head else _with_scheme(context.dashboard_url)
         say(f"Ray cluster: {address}   dashboard: {dashboard}")
 
     def _start_tracking(self) -> None:
@@ -208,6 +210,30 @@ class Controller:
             ray.shutdown()
             self.head.stop()
         say(_summary(self.cfg, outcome))
+
+
+def _with_scheme(url: Optional[str]) -> str:
+    if not url:
+        return "(no dashboard on this cluster)"
+    return url if "://" in url else f"http://{url}"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`platform.stop`, Ray's job supervisor, a scheduler) ends the job like Ctrl-C:
+    the nodes are torn down and the MLflow run is marked KILLED instead of being left behind.
+    The latest checkpoint stays, so submitting the job again resumes it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the teardown
+        say("stop requested (SIGTERM): tearing the job down; submit it again to resume")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _worker_env() -> dict[str, str]:

@@ -159,6 +159,8 @@ def tokenize_files(batch: dict, *, source_names: Sequence[str], text_fields: Seq
 def ray_session(address: str = "", num_cpus: int = 2) -> Iterator[None]:
     """Use the Ray the caller is connected to; else join `address` (or $RAY_ADDRESS);
     else start a small private local instance (capped CPUs and object store, no dashboard).
+    A joined cluster with no CPU yet (a head with num-cpus=0 before its worker nodes
+    join: the embedded head of a detached job) is left for a private local instance.
 
     Only an instance started or joined here is shut down (disconnected) here.
     """
@@ -170,7 +172,11 @@ def ray_session(address: str = "", num_cpus: int = 2) -> Iterator[None]:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        if not ray.cluster_resources().get("CPU"):
+            log.info("the Ray cluster at %s has no CPU yet; tokenizing on a local instance", address)
+            ray.shutdown()
+            address = ""
+    if not address:
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:

@@ -116,6 +116,11 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 LOCAL_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
+# `platform.stop` of a detached job: Ray's job supervisor sends SIGTERM and, by default,
+# SIGKILL 3 s later. The controller needs longer to tear its nodes down.
+JOB_STOP_GRACE = {"RAY_JOB_STOP_WAIT_TIME_S": "120"}
+
+
 @dataclasses.dataclass
 class LocalHead:
     """A Ray head on 127.0.0.1:`port`, started here or found already running."""
@@ -172,7 +177,7 @@ class LocalHead:
             return self
         ensure_auth_token()
         self._dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **ray_auth_env(), **LOCAL_HEALTH_CHECKS}
+        env = {**os.environ, **ray_auth_env(), **LOCAL_HEALTH_CHECKS, **JOB_STOP_GRACE}
         cmd = [ray_bin(), "start", "--head", "--block", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
