@@ -33,6 +33,7 @@ from model.moe import Experts, expert_group_name
 if TYPE_CHECKING:
     from model.generate import GenerationOutput
 
+
 def objective(cfg: DBRXConfig, lm_loss: torch.Tensor, lb_loss: torch.Tensor,
               z_loss: torch.Tensor) -> torch.Tensor:
     """The training loss: LM loss plus the config-weighted load-balancing and z-losses."""

@@ -9,7 +9,7 @@ again later with backoff. Ray Train's elastic scaling does the rest: it
 restarts the worker group on fewer nodes, and grows back when nodes join.
 Whenever the set of live nodes changes, `on_change` is called, so the
 training side can look at the cluster again at once instead of on its own
-slower schedule (platform.train.trainer.refresh_cluster_view).
+slower schedule (platform.train.reservations.refresh_cluster_view).
 """
 
 from __future__ import annotations
