@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 
@@ -44,20 +45,41 @@ def submit_detached(cfg: JobConfig, config_path: str, overrides: list[str]) -> s
     if c.ray_address:
         raise UserError("--detach submits to the embedded head; with cluster.ray_address set, use "
                         "`ray job submit` against that cluster's dashboard")
+    from platform.provision.head import port_open
+
+    started_here = not port_open("127.0.0.1", c.head_port)
     head = LocalHead(port=c.head_port, dashboard_port=c.dashboard_port).start()
     command = [sys.executable, "-m", "platform.submit", str(Path(config_path).resolve()),
                *overrides, f"cluster.ray_address={head.address}"]
     env = {k: os.environ[k] for k in ("DBRX_PLATFORM_HOME", "AWS_ENDPOINT_URL_S3",
                                       "MLFLOW_TRACKING_URI") if k in os.environ}
-    job_id = _client(head.dashboard_url).submit_job(
-        entrypoint=" ".join(shlex.quote(x) for x in command),
-        runtime_env={"env_vars": env} if env else None,
-        metadata={"job_name": cfg.name},
-    )
+    try:
+        job_id = _submit_when_ready(_client(head.dashboard_url), dict(
+            entrypoint=" ".join(shlex.quote(x) for x in command),
+            runtime_env={"env_vars": env} if env else None,
+            metadata={"job_name": cfg.name},
+        ))
+    except BaseException:
+        if started_here:    # nothing runs on a head started for this submission: stop it
+            head.stop()
+        raise
     _records().mkdir(parents=True, exist_ok=True)
     (_records() / f"{job_id}.json").write_text(json.dumps(
         {"job_id": job_id, "job_name": cfg.name, "dashboard": head.dashboard_url}))
     return job_id
+
+
+def _submit_when_ready(client, request: dict, timeout_s: float = 120.0) -> str:
+    """submit_job, waiting out a fresh head whose job agent is not up yet (Ray answers
+    "No available agent to submit job" for a few seconds after the head starts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**request)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise UserError(f"the Ray job server did not take the job: {exc}") from None
+            time.sleep(1.0)
 
 
 def lookup(job_id: str) -> dict:

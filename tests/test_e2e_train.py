@@ -281,9 +281,9 @@ def test_detached_job_reports_status_and_logs_and_stops_cleanly(tmp_path):
     job = Job(tmp_path / "home", "train.total_tokens=61440", "train.eval_every_steps=1000",
               "promote.auto=false")
     job.home.mkdir(parents=True)
-    out = _cli(job, "submit", str(TINY), *job.overrides, "--detach", timeout=300)
-    job_id = re.search(r"submitted job (\S+)", out).group(1)
     try:
+        out = _cli(job, "submit", str(TINY), *job.overrides, "--detach", timeout=300)
+        job_id = re.search(r"submitted job (\S+)", out).group(1)
         wait_for(lambda: _cli(job, "status", job_id).strip() in ("RUNNING", "FAILED", "SUCCEEDED"),
                  120, "the detached job to start")
         assert _cli(job, "status", job_id).strip() == "RUNNING"
