@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,15 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from platform.provision.head import free_local_port as free_port  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["def fibonacci(n):\n    ", "Once upon a time", "import numpy as np\n", "The capital of France is",
            "SELECT name FROM users WHERE", "Dear Sir or Madam,", "1, 2, 3, 5, 8, 13,", "To be, or not to be:"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_version(cfg, folder: str):

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ import pytest
 from platform.provision import (
     INSTANCE_LABEL, NODE_LABEL, LocalHead, NodesNotReady, Provisioner, procs, ray_auth_env,
 )
+from platform.provision.head import free_local_port as _free_port
 from platform.provision.nodes import fetch_ray_nodes
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_time(node) -> int:

@@ -9,7 +9,6 @@ moves the alias runs last.
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from platform.registry import promote
 from platform.serving import chat, start_serving
 from platform.serving.openai_schema import ChatMessage
 from platform.train.checkpointing import open_checkpoints
+from platform.provision.head import free_local_port as _free_port
 
 openai = pytest.importorskip("openai")
 
@@ -32,12 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-8f3a1c"
 MODEL = "serve-test-model"
 PROMPT = "def fibonacci(n):\n    "
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(cfg, seed: int) -> DBRX:

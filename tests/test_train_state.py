@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,7 @@ import torch.multiprocessing as mp
 import _dist_train
 from platform.checkpoint import load_tensors
 from platform.train.state import read_trainer_state
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from platform.provision.head import free_local_port as _port
 
 
 def _run(world, zero, *, load="", save="", steps=0, losses=""):

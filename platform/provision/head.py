@@ -100,6 +100,13 @@ def enable_token_auth_in_process() -> None:
         _config_refreshed = True
 
 
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -183,6 +190,9 @@ class LocalHead:
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}",
                f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+               # Ray's default agent port (52365) is taken by any other Ray on this host, and an
+               # agent without its HTTP server leaves the job server unable to take jobs.
+               f"--dashboard-agent-listen-port={free_local_port()}",
                f"--temp-dir={self._temp}", "--disable-usage-stats"]
         if self.client_port is not None:
             cmd.append(f"--ray-client-server-port={self.client_port}")
