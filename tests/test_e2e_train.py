@@ -48,6 +48,7 @@ def test_local_tiny_learns_and_leaves_nothing_running(tmp_path):
     # Well below: at least 0.4 nats under the unigram entropy (a third lower perplexity
     # than the best model that ignores context). Measured here: 6.27 vs 6.88.
     assert final < entropy - 0.4, (final, entropy)
+    assert f"finished at step 157 on 2 worker(s), eval loss {final:.4f}" in out   # said at the end
     # every step logged its loss, throughput, MFU and world size; expert load per layer
     for key in ("loss", "lm_loss", "lb_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
                 "world_size", "expert_load/layer00/e00"):

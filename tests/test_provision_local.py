@@ -31,6 +31,16 @@ def _start_time(node) -> int:
     return int(open(os.path.join(node.node_dir, "ray.pid")).read().split()[1])
 
 
+def _temp_dir(node) -> str:
+    return open(os.path.join(node.node_dir, "ray.pid")).read().split()[2]
+
+
+def _worker_logs_naming(temp_dir: str, pid: int) -> list[str]:
+    """This node's Ray worker log files of process `pid`."""
+    logs = os.path.join(temp_dir, "session_latest", "logs")
+    return [f for f in os.listdir(logs) if f.startswith("worker-") and f.endswith(f"-{pid}.out")]
+
+
 def _until(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -138,6 +148,12 @@ def test_nodes_join_get_lost_are_replaced_and_leave_nothing_behind(local_cluster
     # Ray runs a sync actor's methods on its main thread, so the actor installed the handler.
     assert probe["signalled_pids"] == [first["pid"]] and second["pid"] != first["pid"]
     assert probe["first_notice"]["signalled"] == ["terminate"]
+    # Each node logs to its own Ray temp dir (a shared one would have every node's log
+    # monitor stream every worker's output: each line printed once per node).
+    temps = [_temp_dir(n) for n in nodes]
+    assert len(set(temps)) == 2
+    assert _worker_logs_naming(temps[0], first["pid"]) and not _worker_logs_naming(temps[1], first["pid"])
+    assert _worker_logs_naming(temps[1], second["pid"]) and not _worker_logs_naming(temps[0], second["pid"])
 
     # A hardware fault: every process of node 1 dies at once.
     survivor, victim = nodes
@@ -151,6 +167,8 @@ def test_nodes_join_get_lost_are_replaced_and_leave_nothing_behind(local_cluster
     replaced = {n.name: n for n in prov.replace(victim.name)}
     sessions.append((replaced[victim.name].pid, _start_time(replaced[victim.name])))
     assert replaced[victim.name].instance_id != victim.instance_id
+    temps.append(_temp_dir(replaced[victim.name]))
+    assert temps[2] not in temps[:2]                             # a new incarnation, a new dir
     assert replaced[survivor.name] == survivor   # same incarnation, same process
     assert procs.alive(survivor.pid)
     live = prov.wait_for_nodes(2, timeout_s=120)
@@ -170,6 +188,7 @@ def test_nodes_join_get_lost_are_replaced_and_leave_nothing_behind(local_cluster
 
     prov.destroy()
     assert prov.nodes() == []
+    assert not any(os.path.exists(t) for t in temps)        # each node's temp dir went with it
     for pid, started in sessions:
         assert procs.session_members(pid, started) == [], f"node session {pid} left processes"
     ours = lambda: [r for r in fetch_ray_nodes(head.address)   # noqa: E731

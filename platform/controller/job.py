@@ -160,11 +160,12 @@ class Controller:
                                       total_steps=self.plan.total_steps, storage_path=storage,
                                       progress_actor=board, stop_after_step=self.stop_after_step,
                                       env=_worker_env())
-                last = bar.last or {}
+            last = bar.last or {}
         finally:
             reconciler.stop()
         outcome = Outcome(status="FAILED" if result.error else "FINISHED",
                           final_step=last.get("step", 0), world_size=last.get("world_size", 0),
+                          eval_loss=last.get("eval_loss"),
                           capacity_failures=reconciler.capacity.failures,
                           error=str(result.error or ""))
         if outcome.status == "FINISHED":
@@ -249,7 +250,8 @@ def _worker_env() -> dict[str, str]:
 
 def _summary(cfg: JobConfig, outcome: Outcome) -> str:
     lines = [f"job {cfg.name}: {outcome.status.lower()} at step {outcome.final_step}"
-             + (f" on {outcome.world_size} worker(s)" if outcome.world_size else "")]
+             + (f" on {outcome.world_size} worker(s)" if outcome.world_size else "")
+             + (f", eval loss {outcome.eval_loss:.4f}" if outcome.eval_loss is not None else "")]
     if outcome.capacity_failures:
         lines.append(f"capacity was short: {len(outcome.capacity_failures)} provisioning "
                      f"attempt(s) failed; first: {outcome.capacity_failures[0]}")

@@ -1,7 +1,8 @@
 """Training progress from rank 0 to the submitting terminal.
 
 Rank 0 pushes (step, loss, tokens/s, world size) to a small named actor after
-every step; the driver polls it and draws a tqdm bar with an ETA. The actor
+every step, and each eval loss; the driver polls it and draws a tqdm bar with
+an ETA. The actor
 is the only channel that works the same when the driver runs on the head
 and the workers on other nodes.
 """
@@ -19,11 +20,14 @@ import ray
 class ProgressBoard:
     def __init__(self) -> None:
         self.state = {"step": 0, "total": 0, "loss": None, "tokens_per_s": None, "world_size": 0,
-                      "updated": 0.0}
+                      "updated": 0.0, "eval_loss": None, "eval_step": 0}
 
     def update(self, step: int, total: int, loss: float, tokens_per_s: float, world_size: int) -> None:
-        self.state = {"step": step, "total": total, "loss": loss, "tokens_per_s": tokens_per_s,
-                      "world_size": world_size, "updated": time.time()}
+        self.state.update(step=step, total=total, loss=loss, tokens_per_s=tokens_per_s,
+                          world_size=world_size, updated=time.time())
+
+    def report_eval(self, step: int, loss: float) -> None:
+        self.state.update(eval_loss=loss, eval_step=step)
 
     def get(self) -> dict:
         return self.state
@@ -47,6 +51,12 @@ class ProgressBar:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        try:  # what arrived after the last poll (the final eval) belongs in the outcome
+            state = ray.get(self.board.get.remote(), timeout=5)
+            if state["step"]:
+                self.last = state
+        except Exception:
+            pass
         ray.kill(self.board)
 
     def _run(self, start: int) -> None:

@@ -93,7 +93,14 @@ def _seed_model_init(cfg: JobConfig, model, layout: Layout) -> None:
 
 
 def train_worker(args: WorkerArgs) -> None:
+    import warnings
+
     import ray.train
+
+    # DeepSpeed's ZeRO step calls a torch.distributed collective that torch has
+    # deprecated; the warning says nothing a user can act on and repeats per worker.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
 
     from platform.data.loader import TrainingData
     from model import DBRX
@@ -168,6 +175,8 @@ def train_worker(args: WorkerArgs) -> None:
             eval_loss = evaluate(eng, data, cfg, rank, world, device)
             if logger is not None and eval_loss is not None:
                 logger.log_metrics({"eval_loss": eval_loss}, step=done)
+            if progress is not None and eval_loss is not None:
+                progress.report_eval.remote(done, eval_loss)
         preempted = any_rank(preempt.pending())
         if done % every == 0 or preempted or done == args.total_steps:
             seconds = checkpointing.save(

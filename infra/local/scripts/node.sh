@@ -19,6 +19,11 @@
 # leader, and nothing if a live leader has another start time (a recycled
 # pid). Liveness comes from /proc/PID/stat, because killed processes can
 # linger as zombies until their parent reaps them.
+#
+# Each node instance has its own Ray temp dir (/tmp: Unix socket paths must
+# stay short). Nodes sharing one would share a logs folder, and every node's
+# log monitor would stream every worker's output to the driver: each line
+# printed once per node. Stop removes it.
 set -euo pipefail
 
 die() { echo "node.sh: $*" >&2; exit 1; }
@@ -58,7 +63,7 @@ node_pids() {
     echo $found
 }
 
-# PID_FILE: line 1 the leader's pid, line 2 its start time.
+# PID_FILE: line 1 the leader's pid, line 2 its start time, line 3 its Ray temp dir.
 read_pid_file() {
     { read -r sid && read -r leader_start; } <"$PID_FILE" 2>/dev/null
 }
@@ -85,6 +90,7 @@ start() {
     [ -x "$RAY_BIN" ] || die "ray CLI not found or not executable at $RAY_BIN (variable ray_bin)"
     mkdir -p "$NODE_DIR"
     local log="$NODE_DIR/ray.log" tags=${NODE_TAGS:-"{}"} pid sid leader_start
+    local temp_dir="/tmp/dbrx-ray-$(id -u)-node-${NODE_ID:0:12}"
     if read_pid_file && [ -n "$(node_pids "$sid" "$leader_start")" ]; then
         echo "node $NODE_NAME already running (pid $sid)"
         return 0
@@ -100,7 +106,7 @@ start() {
         --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024)) \
         --resources "{\"node_slot\": 1, \"node_$NODE_NAME\": 1}" \
         --labels "dbrx-platform/node=$NODE_NAME,dbrx-platform/instance=$NODE_ID" \
-        --node-name "$NODE_NAME" --disable-usage-stats \
+        --node-name "$NODE_NAME" --temp-dir "$temp_dir" --disable-usage-stats \
         >"$log" 2>&1 </dev/null 9>&- &
     pid=$!
     # setsid runs in the background child: give it a moment to take effect.
@@ -113,7 +119,7 @@ start() {
         fi
         sleep 0.1
     done
-    printf '%s\n%s\n' "$pid" "$(proc_field "$pid" 20)" >"$PID_FILE"
+    printf '%s\n%s\n%s\n' "$pid" "$(proc_field "$pid" 20)" "$temp_dir" >"$PID_FILE"
     printf '{"name": "%s", "id": "%s", "pid": %s, "head_address": "%s", "tags": %s}\n' \
         "$NODE_NAME" "$NODE_ID" "$pid" "$HEAD_ADDRESS" "$tags" >"$NODE_DIR/node.json"
     local deadline=$((SECONDS + ${START_TIMEOUT_S:-120}))
@@ -134,25 +140,43 @@ start() {
 
 stop() {
     : "${PID_FILE:?}"
-    local timeout=${STOP_TIMEOUT_S:-15} sid leader_start pids waited=0
+    local timeout=${STOP_TIMEOUT_S:-15} sid leader_start temp_dir="" pids
     if ! read_pid_file; then
         echo "no pid file $PID_FILE: node already stopped"
         return 0
     fi
+    { read -r _ && read -r _ && read -r temp_dir; } <"$PID_FILE" 2>/dev/null || true
     pids=$(node_pids "$sid" "$leader_start")
-    # shellcheck disable=SC2086
-    [ -z "$pids" ] || kill -TERM $pids 2>/dev/null || true
-    while pids=$(node_pids "$sid" "$leader_start") && [ -n "$pids" ] && [ "$waited" -lt "$((timeout * 10))" ]; do
-        sleep 0.1
-        waited=$((waited + 1))
-    done
+    # The leader (`ray start --block`) first: it stops the raylet before the
+    # agents, so the node leaves without "an agent failed" errors on the driver.
+    # What is left after half the timeout is signalled too, then killed.
     if [ -n "$pids" ]; then
+        kill -TERM "$sid" 2>/dev/null || true
+        wait_gone "$((timeout * 5))" || true
+    fi
+    if pids=$(node_pids "$sid" "$leader_start") && [ -n "$pids" ]; then
+        # shellcheck disable=SC2086
+        kill -TERM $pids 2>/dev/null || true
+        wait_gone "$((timeout * 5))" || true
+    fi
+    if pids=$(node_pids "$sid" "$leader_start") && [ -n "$pids" ]; then
         echo "node session $sid still running after ${timeout}s: SIGKILL $pids" >&2
         # shellcheck disable=SC2086
         kill -KILL $pids 2>/dev/null || true
     fi
+    case $temp_dir in /tmp/dbrx-ray-*-node-?*) rm -rf "$temp_dir" ;; esac
     rm -f "$PID_FILE"
     echo "node session $sid stopped"
+}
+
+# wait_gone TENTHS: until no process of the session is left, or TENTHS/10 s.
+wait_gone() {
+    local waited=0
+    while [ -n "$(node_pids "$sid" "$leader_start")" ]; do
+        [ "$waited" -lt "$1" ] || return 1
+        sleep 0.1
+        waited=$((waited + 1))
+    done
 }
 
 case "${1:-}" in
