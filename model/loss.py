@@ -12,6 +12,15 @@ states and of the head weight are kept and scaled by the incoming gradient in
 backward: three GEMMs per chunk, the same as a plain forward + backward, and
 no recomputation.
 
+On CPU a chunk of full-vocabulary rows (64 MB) does not fit in cache, and the
+logits GEMM and every pass over them run at memory speed. There the vocabulary
+is also taken in blocks (512 rows x 1024 columns, 2 MB): a first pass keeps a
+running max and sum per row (an online logsumexp), a second recomputes each
+block's logits and turns them into gradients while they are in cache. One
+more GEMM per block, all of them faster. At local_tiny's micro batch (512
+tokens, vocab 100352, one thread) this took forward+backward from 0.53 to
+0.47 s and the no-grad loss (eval) from 0.28 to 0.13 s.
+
 The logits GEMM runs in the inputs' dtype (bf16 on GPU, like a plain LM head);
 softmax, the loss and its gradient are computed in float32.
 """
@@ -23,17 +32,26 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24     # 64 MB of float32 logits per chunk
+CPU_VOCAB_BLOCK = 1024       # columns of one cache-resident block on CPU
+CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MB of float32 logits: rows per block = this // CPU_VOCAB_BLOCK
 
 
-def _row_chunks(n: int, vocab: int, chunk_elements: int):
-    """Slices of at most chunk_elements // vocab rows (at least one) covering n rows."""
-    rows = max(1, chunk_elements // max(1, vocab))
+def _row_chunks(n: int, per_row: int, chunk_elements: int):
+    """Slices of at most chunk_elements // per_row rows (at least one) covering n rows."""
+    rows = max(1, chunk_elements // max(1, per_row))
     return [slice(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
+def _vocab_block(hidden: torch.Tensor, vocab: int, vocab_block) -> int:
+    if vocab_block == "auto":
+        vocab_block = CPU_VOCAB_BLOCK if hidden.device.type == "cpu" else vocab
+    return max(1, min(vocab, int(vocab_block)))
+
+
 def _chunk_softmax(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-    """For one chunk of rows: (unnormalised softmax exp(logits - max) in float32 (in the logits'
-    buffer), per-row sum of it, per-row loss (0 on ignored rows), valid mask, safe labels).
+    """For one chunk of rows over the whole vocabulary: (unnormalised softmax
+    exp(logits - max) in float32 (in the logits' buffer), per-row sum of it,
+    per-row loss (0 on ignored rows), valid mask, safe labels).
 
     One exp pass: loss = log(sum) - (logit[label] - max)."""
     logits = (h @ weight.t()).float()
@@ -46,27 +64,89 @@ def _chunk_softmax(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     return e, total, (total.log() - picked).masked_fill_(~valid, 0.0), valid, safe
 
 
+def _in_block(safe: torch.Tensor, start: int, width: int):
+    """(labels falling in columns [start, start + width), their column in the block, clamped)."""
+    col = safe - start
+    return (col >= 0) & (col < width), col.clamp_(0, width - 1).unsqueeze(1)
+
+
+def _blocked_logsumexp(h: torch.Tensor, weight: torch.Tensor, safe: torch.Tensor, block: int):
+    """Per row, in float32: (logsumexp of h @ weight.T, the label's logit), one block of
+    `block` vocabulary columns at a time (a running max and a rescaled running sum)."""
+    n = h.shape[0]
+    top = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
+    total = torch.zeros(n, dtype=torch.float32, device=h.device)
+    picked = torch.zeros(n, dtype=torch.float32, device=h.device)
+    for start in range(0, weight.shape[0], block):
+        logits = (h @ weight[start:start + block].t()).float()
+        inside, col = _in_block(safe, start, logits.shape[1])
+        picked = torch.where(inside, logits.gather(1, col).squeeze(1), picked)
+        new_top = torch.maximum(top, logits.amax(dim=1))
+        total = total.mul_(torch.exp(top - new_top)).add_(logits.sub_(new_top.unsqueeze(1)).exp_().sum(1))
+        top = new_top
+    return top + total.log(), picked
+
+
+def _chunk_loss_and_grads(h, weight, labels, scale, block, grad_h, grad_w):
+    """Loss sum of one chunk of rows; writes d loss / d h into grad_h (the chunk's rows) and,
+    when grad_w is given, adds d loss / d weight to it. d logits = (softmax - one_hot) * scale
+    on valid rows, 0 on ignored ones."""
+    vocab = weight.shape[0]
+    if block >= vocab:                     # one pass: the logits of the chunk are kept
+        e, total, loss, valid, safe = _chunk_softmax(h, weight, labels)
+        row_scale = valid.to(e.dtype) * scale
+        d = e.mul_((row_scale / total).unsqueeze(1))
+        d[torch.arange(d.shape[0], device=d.device), safe] -= row_scale
+        d = d.to(h.dtype)
+        torch.mm(d, weight, out=grad_h)
+        if grad_w is not None:
+            grad_w.addmm_(d.t(), h)
+        return loss.sum()
+    valid = labels != IGNORE_INDEX         # two passes over cache-sized blocks
+    safe = labels.masked_fill(~valid, 0)
+    lse, picked = _blocked_logsumexp(h, weight, safe, block)
+    row_scale = valid.to(torch.float32) * scale
+    grad_h.zero_()
+    for start in range(0, vocab, block):
+        w = weight[start:start + block]
+        p = (h @ w.t()).float().sub_(lse.unsqueeze(1)).exp_().mul_(row_scale.unsqueeze(1))
+        inside, col = _in_block(safe, start, p.shape[1])
+        p.scatter_add_(1, col, (-row_scale * inside).unsqueeze(1))
+        d = p.to(h.dtype)
+        grad_h.addmm_(d, w)
+        if grad_w is not None:
+            grad_w[start:start + block].addmm_(d.t(), h)
+    return (lse - picked).masked_fill_(~valid, 0.0).sum()
+
+
+def _chunk_loss(h, weight, labels, block):
+    """Loss sum and valid count of one chunk of rows, without gradients."""
+    valid = labels != IGNORE_INDEX
+    if block >= weight.shape[0]:
+        _, _, loss, _, _ = _chunk_softmax(h, weight, labels)
+        return loss.sum(), int(valid.sum())
+    lse, picked = _blocked_logsumexp(h, weight, labels.masked_fill(~valid, 0), block)
+    return (lse - picked).masked_fill_(~valid, 0.0).sum(), int(valid.sum())
+
+
+def _rows_per_chunk_key(vocab: int, block: int, chunk_elements: int) -> tuple[int, int]:
+    """(elements per row, element budget) for _row_chunks: whole rows, or cache-sized blocks."""
+    return (vocab, chunk_elements) if block >= vocab else (block, min(chunk_elements, CPU_BLOCK_ELEMENTS))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Loss in forward, with both gradients computed chunk by chunk on the way."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_elements):
+    def forward(ctx, hidden, weight, labels, chunk_elements, block):
         scale = 1.0 / max(1, int((labels != IGNORE_INDEX).sum()))
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for rows in _row_chunks(hidden.shape[0], weight.shape[0], chunk_elements):
-            h = hidden[rows]
-            e, total, chunk_loss, valid, safe = _chunk_softmax(h, weight, labels[rows])
-            loss += chunk_loss.sum()
-            # d loss / d logits = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
-            row_scale = valid.to(e.dtype) * scale
-            d = e.mul_((row_scale / total).unsqueeze(1))
-            d[torch.arange(d.shape[0], device=d.device), safe] -= row_scale
-            d = d.to(hidden.dtype)
-            torch.mm(d, weight, out=grad_h[rows])
-            if grad_w is not None:
-                grad_w.addmm_(d.t(), h)
+        per_row, budget = _rows_per_chunk_key(weight.shape[0], block, chunk_elements)
+        for rows in _row_chunks(hidden.shape[0], per_row, budget):
+            loss += _chunk_loss_and_grads(hidden[rows], weight, labels[rows], scale, block,
+                                          grad_h[rows], grad_w)
         ctx.has_grad_w = grad_w is not None
         ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
         return loss * scale
@@ -76,28 +156,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, *grad_w = ctx.saved_tensors
         g = grad_out.to(grad_h.dtype)
-        return grad_h * g, (grad_w[0] * g if ctx.has_grad_w else None), None, None
+        return grad_h * g, (grad_w[0] * g if ctx.has_grad_w else None), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                         chunk_elements: int = CHUNK_ELEMENTS, vocab_block="auto") -> torch.Tensor:
     """mean over labels != -100 of cross_entropy(hidden @ weight.T, labels), chunked.
 
     hidden: (..., d_model); weight: (vocab, d_model), the LM head; labels: hidden.shape[:-1]
     integer targets. Equal to F.cross_entropy(F.linear(hidden, weight).float(), labels) up to
     float rounding, with the same gradients, in one chunk of logits of memory. 0 when every
-    label is ignored.
+    label is ignored. vocab_block: columns per block of the two-pass path; "auto" takes
+    CPU_VOCAB_BLOCK on CPU and the whole vocabulary (one pass) elsewhere.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {hidden.shape[0]} positions")
+    block = _vocab_block(hidden, weight.shape[0], vocab_block)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_elements)
+        return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_elements, block)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     n_valid = 0
-    for rows in _row_chunks(hidden.shape[0], weight.shape[0], chunk_elements):
-        _, _, loss, valid, _ = _chunk_softmax(hidden[rows], weight, labels[rows])
-        total += loss.sum()
-        n_valid += int(valid.sum())
+    per_row, budget = _rows_per_chunk_key(weight.shape[0], block, chunk_elements)
+    for rows in _row_chunks(hidden.shape[0], per_row, budget):
+        loss, valid = _chunk_loss(hidden[rows], weight, labels[rows], block)
+        total += loss
+        n_valid += valid
     return total / max(1, n_valid)
