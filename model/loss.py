@@ -129,8 +129,9 @@ def _chunk_loss(h, weight, labels, block):
     return (lse - picked).masked_fill_(~valid, 0.0).sum(), int(valid.sum())
 
 
-def _rows_per_chunk_key(vocab: int, block: int, chunk_elements: int) -> tuple[int, int]:
-    """(elements per row, element budget) for _row_chunks: whole rows, or cache-sized blocks."""
+def _chunking(vocab: int, block: int, chunk_elements: int) -> tuple[int, int]:
+    """(elements per row, element budget) for _row_chunks: whole rows, or cache-sized blocks
+    (the two-pass path keeps each block of logits within CPU_BLOCK_ELEMENTS)."""
     return (vocab, chunk_elements) if block >= vocab else (block, min(chunk_elements, CPU_BLOCK_ELEMENTS))
 
 
@@ -143,7 +144,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        per_row, budget = _rows_per_chunk_key(weight.shape[0], block, chunk_elements)
+        per_row, budget = _chunking(weight.shape[0], block, chunk_elements)
         for rows in _row_chunks(hidden.shape[0], per_row, budget):
             loss += _chunk_loss_and_grads(hidden[rows], weight, labels[rows], scale, block,
                                           grad_h[rows], grad_w)
@@ -178,7 +179,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_elements, block)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     n_valid = 0
-    per_row, budget = _rows_per_chunk_key(weight.shape[0], block, chunk_elements)
+    per_row, budget = _chunking(weight.shape[0], block, chunk_elements)
     for rows in _row_chunks(hidden.shape[0], per_row, budget):
         loss, valid = _chunk_loss(hidden[rows], weight, labels[rows], block)
         total += loss
