@@ -2,9 +2,8 @@
 
 Rank 0 pushes (step, loss, tokens/s, world size) to a small named actor after
 every step, and each eval loss; the driver polls it and draws a tqdm bar with
-an ETA. The actor
-is the only channel that works the same when the driver runs on the head
-and the workers on other nodes.
+an ETA. The actor is the only channel that works the same when the driver runs
+on the head and the workers on other nodes.
 """
 
 from __future__ import annotations
