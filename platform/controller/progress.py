@@ -37,7 +37,13 @@ class ProgressBar:
 
     def __init__(self, name: str, total: int, start: int = 0, interval_s: float = 1.0) -> None:
         self.name, self.total, self.interval_s = name, total, interval_s
-        self.board = ProgressBoard.options(name=name).remote()
+        # On the driver's node: placed anywhere, it can land on a worker node, die with
+        # it, and leave the bar (and the job's final report) stuck at that step.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        self.board = ProgressBoard.options(
+            name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start,), daemon=True,
                                         name="progress-bar")
