@@ -87,6 +87,15 @@ def _blocked_logsumexp(h: torch.Tensor, weight: torch.Tensor, safe: torch.Tensor
     return top + total.log(), picked
 
 
+def _blocked_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block: int):
+    """For one chunk of rows, through vocabulary blocks: (loss sum over valid rows,
+    per-row logsumexp, valid mask, safe labels)."""
+    valid = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~valid, 0)
+    lse, picked = _blocked_logsumexp(h, weight, safe, block)
+    return (lse - picked).masked_fill_(~valid, 0.0).sum(), lse, valid, safe
+
+
 def _chunk_loss_and_grads(h, weight, labels, scale, block, grad_h, grad_w):
     """Loss sum of one chunk of rows; writes d loss / d h into grad_h (the chunk's rows) and,
     when grad_w is given, adds d loss / d weight to it. d logits = (softmax - one_hot) * scale
@@ -102,9 +111,7 @@ def _chunk_loss_and_grads(h, weight, labels, scale, block, grad_h, grad_w):
         if grad_w is not None:
             grad_w.addmm_(d.t(), h)
         return loss.sum()
-    valid = labels != IGNORE_INDEX         # two passes over cache-sized blocks
-    safe = labels.masked_fill(~valid, 0)
-    lse, picked = _blocked_logsumexp(h, weight, safe, block)
+    loss, lse, valid, safe = _blocked_loss(h, weight, labels, block)   # two passes
     row_scale = valid.to(torch.float32) * scale
     grad_h.zero_()
     for start in range(0, vocab, block):
@@ -116,17 +123,16 @@ def _chunk_loss_and_grads(h, weight, labels, scale, block, grad_h, grad_w):
         grad_h.addmm_(d, w)
         if grad_w is not None:
             grad_w[start:start + block].addmm_(d.t(), h)
-    return (lse - picked).masked_fill_(~valid, 0.0).sum()
+    return loss
 
 
 def _chunk_loss(h, weight, labels, block):
     """Loss sum and valid count of one chunk of rows, without gradients."""
-    valid = labels != IGNORE_INDEX
     if block >= weight.shape[0]:
-        _, _, loss, _, _ = _chunk_softmax(h, weight, labels)
+        _, _, loss, valid, _ = _chunk_softmax(h, weight, labels)
         return loss.sum(), int(valid.sum())
-    lse, picked = _blocked_logsumexp(h, weight, labels.masked_fill(~valid, 0), block)
-    return (lse - picked).masked_fill_(~valid, 0.0).sum(), int(valid.sum())
+    loss, _, valid, _ = _blocked_loss(h, weight, labels, block)
+    return loss, int(valid.sum())
 
 
 def _chunking(vocab: int, block: int, chunk_elements: int) -> tuple[int, int]:

@@ -27,12 +27,17 @@ from platform.provision.nodes import fetch_ray_nodes
 pytestmark = pytest.mark.slow
 
 
+def _pid_file(node) -> list[str]:
+    """node.sh's record of a node: leader pid, its start time, its Ray temp dir."""
+    return open(os.path.join(node.node_dir, "ray.pid")).read().split()
+
+
 def _start_time(node) -> int:
-    return int(open(os.path.join(node.node_dir, "ray.pid")).read().split()[1])
+    return int(_pid_file(node)[1])
 
 
 def _temp_dir(node) -> str:
-    return open(os.path.join(node.node_dir, "ray.pid")).read().split()[2]
+    return _pid_file(node)[2]
 
 
 def _worker_logs_naming(temp_dir: str, pid: int) -> list[str]:

@@ -19,14 +19,14 @@ import ray
 class ProgressBoard:
     def __init__(self) -> None:
         self.state = {"step": 0, "total": 0, "loss": None, "tokens_per_s": None, "world_size": 0,
-                      "updated": 0.0, "eval_loss": None, "eval_step": 0}
+                      "updated": 0.0, "eval_loss": None}
 
     def update(self, step: int, total: int, loss: float, tokens_per_s: float, world_size: int) -> None:
         self.state.update(step=step, total=total, loss=loss, tokens_per_s=tokens_per_s,
                           world_size=world_size, updated=time.time())
 
-    def report_eval(self, step: int, loss: float) -> None:
-        self.state.update(eval_loss=loss, eval_step=step)
+    def report_eval(self, loss: float) -> None:
+        self.state["eval_loss"] = loss
 
     def get(self) -> dict:
         return self.state

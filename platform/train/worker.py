@@ -176,7 +176,7 @@ def train_worker(args: WorkerArgs) -> None:
             if logger is not None and eval_loss is not None:
                 logger.log_metrics({"eval_loss": eval_loss}, step=done)
             if progress is not None and eval_loss is not None:
-                progress.report_eval.remote(done, eval_loss)
+                progress.report_eval.remote(eval_loss)
         preempted = any_rank(preempt.pending())
         if done % every == 0 or preempted or done == args.total_steps:
             seconds = checkpointing.save(

@@ -65,7 +65,8 @@ node_pids() {
 
 # PID_FILE: line 1 the leader's pid, line 2 its start time, line 3 its Ray temp dir.
 read_pid_file() {
-    { read -r sid && read -r leader_start; } <"$PID_FILE" 2>/dev/null
+    recorded_temp_dir=""
+    { read -r sid && read -r leader_start && { read -r recorded_temp_dir || true; }; } <"$PID_FILE" 2>/dev/null
 }
 
 # A failed create leaves the resource tainted, and Terraform never runs the
@@ -89,7 +90,7 @@ start() {
     fi
     [ -x "$RAY_BIN" ] || die "ray CLI not found or not executable at $RAY_BIN (variable ray_bin)"
     mkdir -p "$NODE_DIR"
-    local log="$NODE_DIR/ray.log" tags=${NODE_TAGS:-"{}"} pid sid leader_start
+    local log="$NODE_DIR/ray.log" tags=${NODE_TAGS:-"{}"} pid sid leader_start recorded_temp_dir
     local temp_dir="/tmp/dbrx-ray-$(id -u)-node-${NODE_ID:0:12}"
     if read_pid_file && [ -n "$(node_pids "$sid" "$leader_start")" ]; then
         echo "node $NODE_NAME already running (pid $sid)"
@@ -140,12 +141,11 @@ start() {
 
 stop() {
     : "${PID_FILE:?}"
-    local timeout=${STOP_TIMEOUT_S:-15} sid leader_start temp_dir="" pids
+    local timeout=${STOP_TIMEOUT_S:-15} sid leader_start recorded_temp_dir pids
     if ! read_pid_file; then
         echo "no pid file $PID_FILE: node already stopped"
         return 0
     fi
-    { read -r _ && read -r _ && read -r temp_dir; } <"$PID_FILE" 2>/dev/null || true
     pids=$(node_pids "$sid" "$leader_start")
     # The leader (`ray start --block`) first: it stops the raylet before the
     # agents, so the node leaves without "an agent failed" errors on the driver.
@@ -164,7 +164,7 @@ stop() {
         # shellcheck disable=SC2086
         kill -KILL $pids 2>/dev/null || true
     fi
-    case $temp_dir in /tmp/dbrx-ray-*-node-?*) rm -rf "$temp_dir" ;; esac
+    case $recorded_temp_dir in /tmp/dbrx-ray-*-node-?*) rm -rf "$recorded_temp_dir" ;; esac
     rm -f "$PID_FILE"
     echo "node session $sid stopped"
 }
