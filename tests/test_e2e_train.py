@@ -120,6 +120,21 @@ def test_mlflow_outage_mid_run_finishes_and_every_metric_arrives(reference):
     assert "is unreachable" in out and "is reachable again" in out
 
 
+def test_resubmitting_a_finished_job_provisions_nothing_and_reports_its_end(reference):
+    done = reference.job
+    run_id = done.run_info().info.run_id
+    final = re.search(r"^job e2e: finished at step 12 on 2 worker\(s\), eval loss \S+$",
+                      done.output(), re.M).group(0)
+    again = Job(done.home, name=done.name, tracking_uri=done.tracking_uri)
+    again.ports, again.overrides = done.ports, done.overrides     # the same job, submitted again
+    assert again.run(timeout=300) == 0, again.output()[-4000:]
+    out = again.output()
+    assert "has already trained all 12 steps" in out and "nothing to train" in out
+    assert "provisioning" not in out and "Ray cluster" not in out  # no nodes for nothing
+    assert out.rstrip().endswith(final)                           # the same last line as the run's
+    assert done.run_info().info.run_id == run_id                  # no new, empty MLflow run
+
+
 def test_kill9_worker_resumes_with_identical_losses_on_s3(reference, tmp_path, s3_endpoint, s3_bucket,
                                                           monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)

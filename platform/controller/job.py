@@ -56,6 +56,10 @@ class Controller:
         outcome = Outcome(status="FAILED")
         _stop_on_sigterm()
         try:
+            done = self._final_checkpoint()
+            if done is not None:
+                outcome = self._already_trained(done)
+                return 0
             data_path = self._prepare_data()
             self._connect()
             self._start_tracking()
@@ -67,6 +71,30 @@ class Controller:
         finally:
             self._finish(outcome)
         return 0 if outcome.status == "FINISHED" else 1
+
+    def _final_checkpoint(self):
+        """The job's committed checkpoint of its last step, if it has one (autoresume only).
+
+        Resubmitting a job that has finished must not provision a cluster (64 nodes for
+        the 132B job) only to load that checkpoint and find nothing left to train.
+        """
+        if not self.cfg.checkpoint.resume:
+            return None
+        from platform.train.checkpointing import open_checkpoints
+
+        store = open_checkpoints(self.cfg)
+        steps = [s for s in store.list_committed() if s >= self.plan.total_steps]
+        return store.get(steps[-1]) if steps else None
+
+    def _already_trained(self, ckpt) -> Outcome:
+        say(f"job {self.cfg.name} has already trained all {self.plan.total_steps} steps: its "
+            f"checkpoint of step {ckpt.step} is at {ckpt.uri}; nothing to train (a new job name "
+            f"trains from scratch)")
+        if self.cfg.serve.start_after_training:
+            self._connect()
+        self._after_training()
+        return Outcome(status="FINISHED", final_step=ckpt.step, world_size=ckpt.manifest.world_size,
+                       eval_loss=ckpt.metadata.get("eval_loss"))
 
     def _prepare_data(self) -> str:
         from platform.data.prepare import ensure_prepared

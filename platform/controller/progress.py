@@ -21,7 +21,9 @@ class ProgressBoard:
         self.state = {"step": 0, "total": 0, "loss": None, "tokens_per_s": None, "world_size": 0,
                       "updated": 0.0, "eval_loss": None}
 
-    def update(self, step: int, total: int, loss: float, tokens_per_s: float, world_size: int) -> None:
+    def update(self, step: int, total: int, loss: Optional[float], tokens_per_s: Optional[float],
+               world_size: int) -> None:
+        """loss and tokens/s are None for a step restored from a checkpoint rather than trained."""
         self.state.update(step=step, total=total, loss=loss, tokens_per_s=tokens_per_s,
                           world_size=world_size, updated=time.time())
 
@@ -79,8 +81,12 @@ class ProgressBar:
                 self.last = state                                    # a log file gets one line a step
                 bar.update(max(0, state["step"] - shown))
                 shown = state["step"]
-                bar.set_postfix(loss=f"{state['loss']:.3f}", tok_s=f"{state['tokens_per_s']:.0f}",
+                bar.set_postfix(loss=_fmt(state["loss"], ".3f"), tok_s=_fmt(state["tokens_per_s"], ".0f"),
                                 workers=state["world_size"], refresh=False)
                 bar.refresh()
             self._stop.wait(self.interval_s)
         bar.close()
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)

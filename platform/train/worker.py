@@ -127,6 +127,13 @@ def train_worker(args: WorkerArgs) -> None:
     step = resumed.step if resumed else 0
     if logger is not None:
         _log_start(logger, resumed, layout, step)
+    eval_loss = resumed.state.extra.get("eval_loss") if resumed else None
+    if progress is not None and resumed is not None:
+        # The board hears of trained steps: until one is (or if none is, the job stopped
+        # right after resuming) the bar and the job's last line would say step 0.
+        progress.update.remote(step, args.total_steps, resumed.state.extra.get("loss"), None, world)
+        if eval_loss is not None:
+            progress.report_eval.remote(eval_loss)
     data = TrainingData(cfg, args.data_path)
     preempt = PreemptionWatch()
     peak = (cfg.cluster.peak_tflops_per_device * 1e12 if device.type == "cuda"
@@ -172,17 +179,19 @@ def train_worker(args: WorkerArgs) -> None:
             progress.update.remote(done, args.total_steps, stats.loss, tok_s, world)
         eval_now = done % cfg.train.eval_every_steps == 0 or done == args.total_steps
         if eval_now:
-            eval_loss = evaluate(eng, data, cfg, rank, world, device)
-            if logger is not None and eval_loss is not None:
-                logger.log_metrics({"eval_loss": eval_loss}, step=done)
-            if progress is not None and eval_loss is not None:
-                progress.report_eval.remote(eval_loss)
+            measured = evaluate(eng, data, cfg, rank, world, device)
+            if measured is not None:
+                eval_loss = measured
+                if logger is not None:
+                    logger.log_metrics({"eval_loss": eval_loss}, step=done)
+                if progress is not None:
+                    progress.report_eval.remote(eval_loss)
         preempted = any_rank(preempt.pending())
         if done % every == 0 or preempted or done == args.total_steps:
             seconds = checkpointing.save(
                 store, eng, model, rank=rank, world_size=world, step=done,
                 consumed_sequences=done * cfg.train.global_batch_size,
-                extra={"run_id": args.run_id or "", "loss": stats.loss,
+                extra={"run_id": args.run_id or "", "loss": stats.loss, "eval_loss": eval_loss,
                        "data_cache_key": data.cache_key}, keep_last=cfg.checkpoint.keep_last)
             t_last = time.perf_counter()  # keep checkpoint time out of throughput
             if logger is not None:
