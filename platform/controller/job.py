@@ -53,10 +53,10 @@ class Controller:
     # -- the steps of a job ----------------------------------------------------
 
     def run(self) -> int:
+        done = self._final_checkpoint()      # may refuse the job, before anything starts
         outcome = Outcome(status="FAILED")
         _stop_on_sigterm()
         try:
-            done = self._final_checkpoint()
             if done is not None:
                 outcome = self._already_trained(done)
                 return 0
@@ -73,18 +73,27 @@ class Controller:
         return 0 if outcome.status == "FINISHED" else 1
 
     def _final_checkpoint(self):
-        """The job's committed checkpoint of its last step, if it has one (autoresume only).
+        """The job's committed checkpoint of its last step, if it has one.
 
         Resubmitting a job that has finished must not provision a cluster (64 nodes for
-        the 132B job) only to load that checkpoint and find nothing left to train.
+        the 132B job) only to load that checkpoint and find nothing left to train. With
+        checkpoint.resume=false a job that already has checkpoints is refused: training
+        from scratch would commit new steps among the old ones, and its restarts after a
+        fault would resume from whichever is newest.
         """
-        if not self.cfg.checkpoint.resume:
-            return None
         from platform.train.checkpointing import open_checkpoints
 
         store = open_checkpoints(self.cfg)
-        steps = [s for s in store.list_committed() if s >= self.plan.total_steps]
-        return store.get(steps[-1]) if steps else None
+        steps = store.list_committed()
+        if not self.cfg.checkpoint.resume:
+            if steps:
+                raise UserError(f"job {self.cfg.name!r} already has checkpoints (steps {steps[0]}.."
+                                f"{steps[-1]}) at {store.root.uri} and checkpoint.resume=false: "
+                                f"give the job a new name to train from scratch, or drop the "
+                                f"override to resume from step {steps[-1]}")
+            return None
+        final = [s for s in steps if s >= self.plan.total_steps]
+        return store.get(final[-1]) if final else None
 
     def _already_trained(self, ckpt) -> Outcome:
         say(f"job {self.cfg.name} has already trained all {self.plan.total_steps} steps: its "
