@@ -41,6 +41,15 @@ def test_a_finished_job_submitted_again_reports_its_end_without_starting_a_clust
     assert not ray.is_initialized()
 
 
+def test_a_damaged_final_checkpoint_does_not_count_as_finished(tmp_path, monkeypatch):
+    cfg, plan = _job(tmp_path, monkeypatch)
+    _commit(cfg, plan.total_steps // 2)
+    _commit(cfg, plan.total_steps)
+    final = CheckpointStore(job_checkpoint_uri(cfg)).get(plan.total_steps)
+    (final.local_path / "weights.bin").write_bytes(b"w")     # truncated after the commit
+    assert Controller(cfg, plan)._final_checkpoint() is None  # so the job trains from the one before
+
+
 def test_resume_false_refuses_a_job_that_has_checkpoints(tmp_path, monkeypatch):
     cfg, plan = _job(tmp_path, monkeypatch, "checkpoint.resume=false")
     _commit(cfg, 3)

@@ -81,6 +81,7 @@ class Controller:
         from scratch would commit new steps among the old ones, and its restarts after a
         fault would resume from whichever is newest.
         """
+        from platform.checkpoint.manifest import Verify
         from platform.train.checkpointing import open_checkpoints
 
         store = open_checkpoints(self.cfg)
@@ -92,8 +93,10 @@ class Controller:
                                 f"give the job a new name to train from scratch, or drop the "
                                 f"override to resume from step {steps[-1]}")
             return None
-        final = [s for s in steps if s >= self.plan.total_steps]
-        return store.get(final[-1]) if final else None
+        # The checkpoint the workers would resume from (a damaged final one is skipped, as
+        # they skip it), checked by size only: a full check reads every byte.
+        ckpt, _ = store.latest_valid(verify=Verify.SIZE)
+        return ckpt if ckpt is not None and ckpt.step >= self.plan.total_steps else None
 
     def _already_trained(self, ckpt) -> Outcome:
         say(f"job {self.cfg.name} has already trained all {self.plan.total_steps} steps: its "
