@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.config import DBRXConfig
 
@@ -82,6 +83,12 @@ class KVCache:
         self.length += n
 
 
+# cuDNN's SDPA builds a new execution plan for every new key length: while decoding
+# (one query, a cache one longer each step) that cost ~10 ms per attention call on
+# an H200, 14 tokens/s against 68 with these kernels on a 4-layer d 2048 model.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DBRXConfig, layer_idx: int):
         super().__init__()
@@ -109,8 +116,13 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 enable_gqa=gqa)
+        else:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+            with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                     is_causal=is_causal, enable_gqa=gqa)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))

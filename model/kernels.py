@@ -7,24 +7,29 @@ being [experts * ffn, d_model]: expert e computes
     silu(x @ w1_e.T) * (x @ v1_e.T) @ w2_e        with w_e = w.view(E, ffn, d)[e]
 (w2 is applied untransposed, as in the released checkpoints and MegaBlocks).
 
-Backends, chosen per call by `select_backend`:
-- "megablocks": CUDA bf16 with the `gpu` extra installed; MegaBlocks' grouped
-  GEMM (`megablocks.grouped_gemm_util.ops.gmm`, the kernel of its dMoE, bf16
-  only), on the same weight layout.
-- "grouped_mm": torch.nn.functional.grouped_mm, one call per projection; the
-  CUDA default without MegaBlocks (no host sync, one launch per projection).
-  Needs 16-byte-aligned row strides.
+Backends, chosen per call by `select_backend` (a pure function of device,
+dtype and shapes; DBRX_MOE_KERNEL=<name> forces one):
+- "grouped_mm": torch.nn.functional.grouped_mm, one launch per projection
+  (autograd derives the backward). The CUDA default: no host sync, and on an
+  H200 the whole layer runs at 94% of the bench's GEMM floor (bench/gpu_check.py).
+  Needs 16-byte-aligned rows.
 - "loop": a loop over the local experts on contiguous row slices with a
   hand-written backward (_LoopGLU); runs anywhere, any dtype and shape. The CPU
   default: torch 2.13's CPU grouped_mm is itself a loop of per-expert matmuls,
   and measured on 2 cores this path is 5-15% faster per fwd+bwd (per-expert
   intermediates stay in cache and are recycled by the allocator instead of
-  faulting in fresh pages for rows x ffn tensors every step).
-Set DBRX_MOE_KERNEL to one of those names to force a backend.
+  faulting in fresh pages for rows x ffn tensors every step). It reads the
+  per-expert counts on the host (one sync per layer).
+- "megablocks": MegaBlocks' grouped GEMM (`megablocks.grouped_gemm_util.ops.gmm`,
+  the kernel of its dMoE; CUDA, bf16), on the same weight layout. Opt-in only:
+  MegaBlocks installs only beside the torch it pins, and its op takes the
+  counts on the host (a sync per layer), so it is never chosen by default.
+Under torch.autocast every backend computes in autocast's dtype (grouped_glu).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -38,7 +43,7 @@ BACKENDS = ("megablocks", "grouped_mm", "loop")
 
 @functools.lru_cache(maxsize=None)
 def _megablocks_gmm():
-    """MegaBlocks' grouped GEMM op, or None when the `gpu` extra is not installed."""
+    """MegaBlocks' grouped GEMM op, or None when MegaBlocks is not installed."""
     try:
         from megablocks import grouped_gemm_util as gg
     except Exception:  # ImportError, or a broken CUDA extension build
@@ -48,46 +53,76 @@ def _megablocks_gmm():
 
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe torch's grouped_mm once per device type and dtype (support varies by build and GPU)."""
+    """Probe torch's grouped_mm once per device type and dtype (support varies by build and GPU).
+
+    The answer must not depend on the caller's context: the probe runs with
+    gradients on, outside inference mode and autocast, whatever the first
+    caller had (an eval forward under no_grad once cached False here for good).
+    """
     if not hasattr(F, "grouped_mm"):
         return False
     try:
-        a = torch.ones(4, 8, device=device_type, dtype=dtype, requires_grad=True)
-        b = torch.ones(2, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([1, 4], device=device_type, dtype=torch.int32)
-        out = F.grouped_mm(a, b, offs=offs)
-        out.backward(torch.ones_like(out))
-        return bool(torch.all(out == 8).item())
+        with _neutral_grad_mode(device_type):
+            return _probe_grouped_mm(device_type, dtype)
     except Exception:
         return False
 
 
-def _grouped_mm_ok(x: torch.Tensor, ffn: int) -> bool:
+@contextlib.contextmanager
+def _neutral_grad_mode(device_type: str):
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(device_type, enabled=False):
+        yield
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Forward and both weight layouts of the backward on a tiny problem, one empty group."""
+    a = torch.ones(4, 8, device=device_type, dtype=dtype, requires_grad=True)
+    b = torch.ones(3, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([1, 1, 4], device=device_type, dtype=torch.int32)
+    out = F.grouped_mm(a, b.transpose(1, 2), offs=offs)
+    out.backward(torch.ones_like(out))
+    weight_grad = F.grouped_mm(a.detach().t(), a.detach(), offs=offs)
+    return bool(torch.all(out == 8).item() and torch.all(b.grad[0] == 1).item()
+                and torch.all(b.grad[1] == 0).item() and torch.all(weight_grad[2] == 3).item())
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, d_model: int, ffn: int) -> bool:
     """grouped_mm works for this device/dtype and every row stride is a multiple of 16 bytes."""
-    return (x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and (x.shape[-1] * x.element_size()) % 16 == 0
-            and (ffn * x.element_size()) % 16 == 0
-            and _grouped_mm_works(x.device.type, x.dtype))
+    size = torch.empty((), dtype=dtype).element_size()
+    return (dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (d_model * size) % 16 == 0 and (ffn * size) % 16 == 0
+            and _grouped_mm_works(torch.device(device).type, dtype))
 
 
-def select_backend(x: torch.Tensor, w1: torch.Tensor, ffn: int) -> str:
+def select_backend(device: torch.device, dtype: torch.dtype, d_model: int, ffn: int) -> str:
+    """The backend for experts of this shape on this device and dtype (DBRX_MOE_KERNEL forces one).
+
+    A pure function of its arguments and the installed packages: never of the
+    grad mode or of what ran before in the process.
+    """
+    device = torch.device(device)
     forced = os.environ.get("DBRX_MOE_KERNEL", "").strip()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"DBRX_MOE_KERNEL={forced!r}: expected one of {', '.join(BACKENDS)}")
-        if forced == "megablocks" and (not x.is_cuda or _megablocks_gmm() is None):
-            raise RuntimeError("DBRX_MOE_KERNEL=megablocks needs CUDA tensors and the `gpu` extra "
-                               "(pip install 'dbrx-platform[gpu]')")
-        if forced == "grouped_mm" and not _grouped_mm_ok(x, ffn):
+        if forced == "megablocks" and (device.type != "cuda" or dtype != torch.bfloat16
+                                       or _megablocks_gmm() is None):
+            raise RuntimeError("DBRX_MOE_KERNEL=megablocks needs bf16 CUDA tensors and MegaBlocks "
+                               "installed (see the README's MoE kernels section); unset it")
+        if forced == "grouped_mm" and not _grouped_mm_ok(device, dtype, d_model, ffn):
             raise RuntimeError(f"DBRX_MOE_KERNEL=grouped_mm: torch.nn.functional.grouped_mm does not "
-                               f"support {x.dtype} on {x.device.type} with d_model={x.shape[-1]}, "
+                               f"support {dtype} on {device.type} with d_model={d_model}, "
                                f"ffn={ffn} (rows must be 16-byte aligned); unset it")
         return forced
-    if not x.is_cuda:
+    if device.type != "cuda":
         return "loop"
-    if x.dtype == torch.bfloat16 and _megablocks_gmm() is not None:
-        return "megablocks"
-    return "grouped_mm" if _grouped_mm_ok(x, ffn) else "loop"
+    return "grouped_mm" if _grouped_mm_ok(device, dtype, d_model, ffn) else "loop"
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's group ends (int32, on the device: no host sync)."""
+    return torch.cumsum(counts, 0).to(torch.int32)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -106,7 +141,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _glu_grouped_mm(x, w1, v1, w2, counts):
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    """Three grouped_mm calls; torch derives the backward (six more). On an H200 at DBRX
+    width this ran at 94% of the bench's GEMM floor, a hand-written backward (weight
+    gradients in the K-grouped form, silu(h1) * h2 recomputed) at 89%: kept as is."""
+    offs = _offsets(counts)
     h = F.silu(_ContiguousGrad.apply(F.grouped_mm(x, w1.transpose(1, 2), offs=offs)))
     h = h * _ContiguousGrad.apply(F.grouped_mm(x, v1.transpose(1, 2), offs=offs))
     return _ContiguousGrad.apply(F.grouped_mm(h, w2, offs=offs))
@@ -180,6 +218,13 @@ def _glu_megablocks(x, w1, v1, w2, counts):
 _IMPLS = {"grouped_mm": _glu_grouped_mm, "loop": _glu_loop, "megablocks": _glu_megablocks}
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes matrix products in on `device_type`, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def grouped_glu(x: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
                 counts: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """GLU experts on sorted rows.
@@ -188,10 +233,20 @@ def grouped_glu(x: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.T
     w1, v1, w2: (num_local_experts * ffn, d_model), DBRX's stacked layout.
     counts: (num_local_experts,) integer tensor of rows per expert.
     Returns (sum(counts), d_model).
+
+    Under torch.autocast the experts compute in autocast's dtype, as a plain
+    matmul would: inputs and weights are cast once here (gradients flow back
+    to the original dtypes) and the kernels run with autocast off, so every
+    backend sees one dtype throughout, forward and backward.
     """
+    compute = autocast_dtype(x.device.type)
+    if compute is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_glu(x.to(compute), w1.to(compute), v1.to(compute), w2.to(compute),
+                               counts, backend)
     n_local = counts.shape[0]
     d_model = x.shape[-1]
     ffn = w1.shape[0] // n_local
-    backend = backend or select_backend(x, w1, ffn)
+    backend = backend or select_backend(x.device, x.dtype, d_model, ffn)
     shape = (n_local, ffn, d_model)
     return _IMPLS[backend](x, w1.view(shape), v1.view(shape), w2.view(shape), counts)

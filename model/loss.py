@@ -31,7 +31,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 24     # 64 MB of float32 logits per chunk
+CHUNK_ELEMENTS = 1 << 24     # 64 MB of float32 logits per chunk (CPU)
+GPU_CHUNK_ELEMENTS = 1 << 28  # 1 GB on a GPU: 64 MB chunks are 167 rows of a 100k vocabulary,
+                              # too few for the head's weight-gradient GEMM (K = rows) to run
+                              # near peak; 2675 rows do
 CPU_VOCAB_BLOCK = 1024       # columns of one cache-resident block on CPU
 CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MB of float32 logits: rows per block = this // CPU_VOCAB_BLOCK
 
@@ -40,6 +43,12 @@ def _row_chunks(n: int, per_row: int, chunk_elements: int):
     """Slices of at most chunk_elements // per_row rows (at least one) covering n rows."""
     rows = max(1, chunk_elements // max(1, per_row))
     return [slice(start, min(n, start + rows)) for start in range(0, n, rows)]
+
+
+def _chunk_elements(hidden: torch.Tensor, chunk_elements) -> int:
+    if chunk_elements == "auto":
+        return CHUNK_ELEMENTS if hidden.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    return int(chunk_elements)
 
 
 def _vocab_block(hidden: torch.Tensor, vocab: int, vocab_block) -> int:
@@ -167,13 +176,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int = CHUNK_ELEMENTS, vocab_block="auto") -> torch.Tensor:
+                         chunk_elements="auto", vocab_block="auto") -> torch.Tensor:
     """mean over labels != -100 of cross_entropy(hidden @ weight.T, labels), chunked.
 
     hidden: (..., d_model); weight: (vocab, d_model), the LM head; labels: hidden.shape[:-1]
     integer targets. Equal to F.cross_entropy(F.linear(hidden, weight).float(), labels) up to
     float rounding, with the same gradients, in one chunk of logits of memory. 0 when every
-    label is ignored. vocab_block: columns per block of the two-pass path; "auto" takes
+    label is ignored. chunk_elements: logits alive at once; "auto" takes CHUNK_ELEMENTS on
+    CPU and GPU_CHUNK_ELEMENTS elsewhere. vocab_block: columns per block of the two-pass path; "auto" takes
     CPU_VOCAB_BLOCK on CPU and the whole vocabulary (one pass) elsewhere.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -181,6 +191,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {hidden.shape[0]} positions")
     block = _vocab_block(hidden, weight.shape[0], vocab_block)
+    chunk_elements = _chunk_elements(hidden, chunk_elements)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_elements, block)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
