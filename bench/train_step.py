@@ -45,14 +45,14 @@ def main() -> None:
     from platform.checkpoint import CheckpointStore
     from platform.config import load_job
     from platform.layout import layout_for
-    from platform.train.engine import build_engine, expert_parallel_group
+    from platform.train.engine import build_job_engine, expert_parallel_group
     from platform.train.loop import measured_peak_flops, train_step
     from platform.train.state import save_state
 
     cfg = load_job(ROOT / "conf" / "local_tiny.yaml", args.overrides)
     layout = layout_for(cfg, 1)
     model = DBRX(cfg.model, ep_group=expert_parallel_group(1))
-    eng = build_engine(cfg, layout, model)
+    eng = build_job_engine(cfg, layout, model)
     t = cfg.train
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg.model.vocab_size - 100, (t.global_batch_size, t.seq_len + 1), generator=g)

@@ -43,7 +43,7 @@ def run(rank: int, world: int, port: int, zero_stage: int, load_from: str, save_
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from model import DBRX
     from platform.layout import layout_for
-    from platform.train.engine import build_engine, expert_parallel_group, lr_at
+    from platform.train.engine import build_job_engine, expert_parallel_group, lr_at
     from platform.train.loop import train_step
     from platform.train.state import load_state, save_state
     from platform.train.worker import _seed_model_init
@@ -52,7 +52,7 @@ def run(rank: int, world: int, port: int, zero_stage: int, load_from: str, save_
     layout = layout_for(cfg, world)
     model = DBRX(cfg.model, ep_group=expert_parallel_group(layout.expert_parallel))
     _seed_model_init(cfg, model, layout)
-    eng = build_engine(cfg, layout, model)
+    eng = build_job_engine(cfg, layout, model)
     start = 0
     if load_from:
         start = load_state(Path(load_from), eng, model, rank=rank, world_size=world).step

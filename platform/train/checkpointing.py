@@ -53,14 +53,14 @@ def save(store: CheckpointStore, eng, model, *, rank: int, world_size: int, step
     staging = store.attach(token)
     try:
         files = save_state(staging.path, eng, model, rank=rank, world_size=world_size,
-                           ep=eng.layout.expert_parallel, step=step,
+                           ep=eng.expert_parallel, step=step,
                            consumed_sequences=consumed_sequences, extra=extra)
         # Each rank hashes (and for S3 uploads) its own files; rank 0 commits them all.
         entries = [e.to_json() for e in store.push(staging, files)]
         pushed = gather(entries)
         if rank == 0:
             store.commit(staging, {"step": step, "consumed_sequences": consumed_sequences,
-                                   "expert_parallel": eng.layout.expert_parallel, **extra},
+                                   "expert_parallel": eng.expert_parallel, **extra},
                          world_size=world_size, pushed=[e for part in pushed for e in part])
             store.retain(keep_last)
     except BaseException:

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from platform.config.schema import JobConfig
-from platform.layout import Layout
+if TYPE_CHECKING:  # type names only: the engine itself needs no job config (bench/gpu_check.py)
+    from platform.config.schema import JobConfig
+    from platform.layout import Layout
 
 
-def lr_at(cfg: JobConfig, step: int, total_steps: int) -> float:
+def lr_at(cfg: "JobConfig", step: int, total_steps: int) -> float:
     """Linear warmup to train.lr, then cosine decay to train.min_lr at the last step.
 
     A pure function of the step, so a resumed run needs no scheduler state.
@@ -34,16 +35,51 @@ def lr_at(cfg: JobConfig, step: int, total_steps: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def ds_config(cfg: JobConfig, layout: Layout, bf16: bool) -> dict[str, Any]:
-    t = cfg.train
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything the DeepSpeed engine is built from, as plain values.
+
+    Built from a job config by `from_job`; built directly where no job exists
+    (bench/gpu_check.py runs the same engine on a bare GPU machine with torch
+    and deepspeed alone, without Hydra).
+    """
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    zero_stage: int
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    grad_clip: float
+    bf16: bool = False
+    # "fp32" keeps DeepSpeed's fp32 master weights and Adam states (16 bytes per parameter
+    # beside the bf16 weights and gradients); "bf16" keeps them in bf16, as plain bf16
+    # training does (8 bytes), with ZeRO 1-3 only.
+    master_weights: str = "fp32"
+
+    @classmethod
+    def from_job(cls, cfg: "JobConfig", layout: "Layout", bf16: bool) -> "EngineSpec":
+        t = cfg.train
+        return cls(global_batch_size=t.global_batch_size, micro_batch_size=layout.micro_batch_size,
+                   grad_accum=layout.grad_accum, zero_stage=t.zero_stage, lr=t.lr,
+                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                   weight_decay=t.weight_decay, grad_clip=t.grad_clip, bf16=bf16)
+
+
+def ds_config(spec: EngineSpec) -> dict[str, Any]:
+    bf16: dict[str, Any] = {"enabled": spec.bf16}
+    if spec.bf16 and spec.master_weights == "bf16":
+        bf16.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
-        "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": bf16},
+        "train_batch_size": spec.global_batch_size,
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": spec.grad_clip,
+        "bf16": bf16,
         "zero_optimization": {
-            "stage": t.zero_stage,
+            "stage": spec.zero_stage,
             # Required by DeepSpeed for MoE parameter groups under ZeRO-2.
             "contiguous_gradients": True,
             "overlap_comm": False,
@@ -52,6 +88,19 @@ def ds_config(cfg: JobConfig, layout: Layout, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 2 ** 31,
         "wall_clock_breakdown": False,
     }
+
+
+def make_optimizer(params: list[dict], spec: EngineSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step on CUDA.
+
+    On CPU the single-tensor loop (`foreach=False`) is the fastest here: it
+    walks one flat parameter at a time and keeps its temporaries in cache. On
+    a GPU the same loop launches about a dozen elementwise kernels per tensor,
+    each a full pass over fp32 state; the fused kernel makes one pass.
+    """
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                             fused=fused or None, foreach=False if not fused else None)
 
 
 def _expert_marker(num_experts: int, ep_size: int) -> torch.nn.Module:
@@ -113,7 +162,7 @@ class Engine:
 
     engine: Any
     model: torch.nn.Module
-    layout: Layout
+    expert_parallel: int
 
     @property
     def basic_optimizer(self) -> torch.optim.Optimizer:
@@ -126,19 +175,23 @@ class Engine:
             group["lr"] = lr
 
 
-def build_engine(cfg: JobConfig, layout: Layout, model: torch.nn.Module,
-                 bf16: bool = False) -> Engine:
+def build_engine(spec: EngineSpec, model: torch.nn.Module, *, num_experts: int,
+                 expert_parallel: int) -> Engine:
+    """DeepSpeed around `model` (already on its device), experts split `expert_parallel` ways."""
     import deepspeed
 
-    t = cfg.train
-    if layout.expert_parallel > 1:  # at degree 1 experts are ordinary replicated weights
-        model.add_module("_deepspeed_experts_marker",
-                         _expert_marker(cfg.model.moe_num_experts, layout.expert_parallel))
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_eps, foreach=False,
-    )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=ds_config(cfg, layout, bf16),
+    if expert_parallel > 1:  # at degree 1 experts are ordinary replicated weights
+        model.add_module("_deepspeed_experts_marker", _expert_marker(num_experts, expert_parallel))
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(_param_groups(model, spec.weight_decay), spec, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(spec),
                                            dist_init_required=False)
-    return Engine(engine=engine, model=model, layout=layout)
+    return Engine(engine=engine, model=model, expert_parallel=expert_parallel)
+
+
+def build_job_engine(cfg: "JobConfig", layout: "Layout", model: torch.nn.Module,
+                     bf16: bool = False) -> Engine:
+    """The engine of a job at this layout."""
+    return build_engine(EngineSpec.from_job(cfg, layout, bf16), model,
+                        num_experts=cfg.model.moe_num_experts,
+                        expert_parallel=layout.expert_parallel)

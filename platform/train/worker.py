@@ -20,7 +20,7 @@ from platform.config.schema import JobConfig
 from platform.layout import Layout, layout_for
 from platform.train import checkpointing
 from platform.train.collectives import any_rank
-from platform.train.engine import build_engine, expert_parallel_group, lr_at
+from platform.train.engine import build_job_engine, expert_parallel_group, lr_at
 from platform.plan import effective_precision
 from platform.train.loop import (
     PreemptionWatch, evaluate, measured_peak_flops, train_step,
@@ -118,7 +118,8 @@ def train_worker(args: WorkerArgs) -> None:
     ep_group = expert_parallel_group(layout.expert_parallel)
     model = DBRX(cfg.model, ep_group=ep_group)
     _seed_model_init(cfg, model, layout)
-    eng = build_engine(cfg, layout, model.to(device), bf16=effective_precision(cfg) == "bf16")
+    eng = build_job_engine(cfg, layout, model.to(device), bf16=effective_precision(cfg) == "bf16")
+    _report_kernel(cfg, model, rank, device)
     store = checkpointing.open_checkpoints(cfg)
     logger = _logger(cfg, args.run_id) if rank == 0 else None
     progress = _progress(args.progress_actor) if rank == 0 else None
@@ -206,6 +207,16 @@ def train_worker(args: WorkerArgs) -> None:
     preempt.close()
     if logger is not None:
         logger.close()
+
+
+def _report_kernel(cfg: JobConfig, model, rank: int, device: torch.device) -> None:
+    """Say once per worker which MoE expert kernel its training runs (see model.kernels)."""
+    from model.kernels import select_backend
+
+    dtype = next(model.parameters()).dtype
+    backend = select_backend(device, dtype, cfg.model.d_model, cfg.model.ffn_hidden_size)
+    print(f"[rank {rank}] MoE expert kernel: {backend} ({device.type}, "
+          f"{str(dtype).removeprefix('torch.')})", flush=True)
 
 
 def _logger(cfg: JobConfig, run_id: Optional[str]):
