@@ -17,8 +17,12 @@ from pathlib import Path
 
 
 from platform.config import state_dir
+from platform.config.rules import name_problem
 from platform.config.schema import JobConfig
-from platform.errors import UserError
+from platform.errors import InputError, UserError
+
+# What a job record must hold; anything else is a corrupt record, not a KeyError.
+_RECORD_KEYS = ("job_id", "job_name", "dashboard")
 
 
 def _records() -> Path:
@@ -83,12 +87,33 @@ def _submit_when_ready(client, request: dict, timeout_s: float = 120.0) -> str:
 
 
 def lookup(job_id: str) -> dict:
+    """The record `submit --detach` wrote for `job_id`, checked: the id names a file."""
+    problem = name_problem(job_id)
+    if problem:
+        raise InputError(f"job id {problem}; give the id that submit --detach printed "
+                         "(e.g. raysubmit_...)")
     path = _records() / f"{job_id}.json"
     if not path.is_file():
         known = sorted(p.stem for p in _records().glob("*.json")) if _records().is_dir() else []
         raise UserError(f"no detached job {job_id!r} was submitted from this machine"
-                        + (f"; known: {', '.join(known)}" if known else ""))
-    return json.loads(path.read_text())
+                        + (f"; known: {', '.join(known[:20])}" if known else ""))
+    return _read_record(path)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        record, why = None, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "it is not a JSON object"
+    if isinstance(record, dict):
+        missing = [k for k in _RECORD_KEYS if not isinstance(record.get(k), str) or not record[k]]
+        if not missing:
+            return record
+        why = f"it lacks {', '.join(missing)}"
+    raise UserError(f"the job record {path} is corrupt ({why}); delete it, and follow the job in "
+                    "the Ray dashboard (`ray job list`) instead")
 
 
 def status(job_id: str) -> str:
@@ -118,10 +143,10 @@ def stop(job_id: str) -> bool:
 
 
 def cli(kind: str, argv: list[str]) -> int:
-    import argparse
+    from platform.errors import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog=f"python -m platform.{kind}",
-                                     description=f"{kind.capitalize()} a job started with submit --detach.")
+    parser = ArgumentParser(prog=f"python -m platform.{kind}",
+                            description=f"{kind.capitalize()} a job started with submit --detach.")
     parser.add_argument("job_id")
     if kind == "logs":
         parser.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")

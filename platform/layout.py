@@ -35,9 +35,10 @@ def workers_per_node(cluster: ClusterConfig) -> int:
     return cluster.gpus_per_node if cluster.gpus_per_node > 0 else 1
 
 
-def world_sizes(cluster: ClusterConfig) -> list[int]:
+def world_size_range(cluster: ClusterConfig) -> range:
+    """Every world size min_nodes..max_nodes can hold (a range: no list of max_nodes entries)."""
     per = workers_per_node(cluster)
-    return [n * per for n in range(max(cluster.min_nodes, 1), cluster.max_nodes + 1)]
+    return range(max(cluster.min_nodes, 1) * per, cluster.max_nodes * per + 1, per)
 
 
 def expert_parallel_for(cfg: JobConfig, world_size: int) -> Union[int, str]:
@@ -73,17 +74,51 @@ def layout_for(cfg: JobConfig, world_size: int) -> Union[Layout, str]:
     )
 
 
-def allowed_layouts(cfg: JobConfig) -> tuple[list[Layout], list[tuple[int, str]]]:
-    """(allowed layouts, smallest first; [(world size, reason)] for the skipped ones)."""
+@dataclass(frozen=True)
+class Skipped:
+    """The world sizes in range that no layout fits: how many, and the smallest few with why."""
+
+    count: int
+    examples: tuple[tuple[int, str], ...]
+
+    def __len__(self) -> int:
+        return self.count
+
+
+_EXAMPLES = 6
+
+
+def _candidate_sizes(cfg: JobConfig) -> list[int]:
+    """The world sizes in range that split the global batch into whole micro batches: the
+    divisors of global/micro, found in O(sqrt(global batch)) whatever max_nodes is."""
+    t, sizes = cfg.train, world_size_range(cfg.cluster)
+    if t.micro_batch_size <= 0 or t.global_batch_size % t.micro_batch_size:
+        return []
+    steps = t.global_batch_size // t.micro_batch_size
+    divisors = set()
+    for d in range(1, math.isqrt(steps) + 1):
+        if steps % d == 0:
+            divisors.update((d, steps // d))
+    return sorted(w for w in divisors if w in sizes)
+
+
+def allowed_layouts(cfg: JobConfig) -> tuple[list[Layout], Skipped]:
+    """(allowed layouts, smallest first; the skipped world sizes). The work grows with the
+    global batch's divisors and the allowed sizes, never with the width of min..max nodes."""
     allowed: list[Layout] = []
-    skipped: list[tuple[int, str]] = []
-    for w in world_sizes(cfg.cluster):
+    for w in _candidate_sizes(cfg):
         result = layout_for(cfg, w)
         if isinstance(result, Layout):
             allowed.append(result)
-        else:
-            skipped.append((w, result))
-    return allowed, skipped
+    sizes = world_size_range(cfg.cluster)
+    ok = {l.world_size for l in allowed}
+    examples = []
+    for w in sizes:    # stops after a few examples: at most len(ok) + _EXAMPLES steps
+        if len(examples) == _EXAMPLES:
+            break
+        if w not in ok:
+            examples.append((w, layout_for(cfg, w)))
+    return allowed, Skipped(len(sizes) - len(allowed), tuple(examples))
 
 
 def best_layout(cfg: JobConfig, available_workers: int) -> Union[Layout, None]:

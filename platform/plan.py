@@ -14,8 +14,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from model.counting import active_params, param_counts, training_flops_per_token
+from platform.config.build import Problem
 from platform.config.schema import JobConfig
-from platform.layout import Layout, allowed_layouts, workers_per_node
+from platform.layout import Layout, Skipped, allowed_layouts, workers_per_node
 
 GB = 1024 ** 3
 # CUDA context, NCCL buffers, allocator fragmentation: a fixed reserve per GPU.
@@ -61,8 +62,9 @@ class Plan:
     total_steps: int
     precision: str
     layouts: list[LayoutPlan]
-    skipped: list[tuple[int, str]] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=lambda: Skipped(0, ()))
     memory_limit_gb: float | None = None
+    memory_limit_key: str = ""       # the config key that sets memory_limit_gb
 
     @property
     def memory_per_gpu_gb(self) -> float:
@@ -93,7 +95,8 @@ class Plan:
                  "cost_per_hour": l.cost_per_hour}
                 for l in self.layouts
             ],
-            "skipped_world_sizes": [{"world_size": w, "reason": r} for w, r in self.skipped],
+            "skipped_world_sizes": [{"world_size": w, "reason": r} for w, r in self.skipped.examples],
+            "skipped_world_sizes_count": self.skipped.count,
         }
 
 
@@ -157,13 +160,39 @@ def make_plan(cfg: JobConfig) -> Plan:
                                 layout.nodes * c.price_per_node_hour))
     devices = (f"{c.gpus_per_node} x {c.gpu_type or 'GPU'} per node" if c.gpus_per_node
                else f"CPU, {workers_per_node(c)} worker per node")
+    limit_key, limit_gb = memory_limit(cfg)
     return Plan(
         job=cfg.name, provider=c.provider, devices=devices,
         params_total=param_counts(m).total, params_active=active_params(m),
         flops_per_token=flops_per_token, tokens_per_step=tokens_per_step,
         total_steps=total_steps, precision=precision, layouts=plans, skipped=skipped,
-        memory_limit_gb=c.gpu_memory_gb if c.gpus_per_node > 0 else None,
+        memory_limit_gb=limit_gb, memory_limit_key=limit_key,
     )
+
+
+def memory_limit(cfg: JobConfig) -> tuple[str, float | None]:
+    """(config key, GB) of the memory one worker has: the GPU's, or a local CPU node's
+    (one worker per node); None where the config does not say."""
+    c = cfg.cluster
+    if c.gpus_per_node > 0:
+        return "cluster.gpu_memory_gb", c.gpu_memory_gb
+    if c.provider == "local":
+        return "cluster.node_memory_mb", c.node_memory_mb / 1024
+    return "", None
+
+
+def fit_problem(plan: Plan) -> Problem | None:
+    """Why the plan's largest layout does not fit a worker's memory, or None."""
+    if plan.fits:
+        return None
+    where = ("per GPU" if plan.memory_limit_key == "cluster.gpu_memory_gb"
+             else "per worker (one per local node)")
+    return Problem(plan.memory_limit_key,
+                   f"the job needs {plan.memory_per_gpu_gb:.1f} GB {where} but "
+                   f"{plan.memory_limit_key} allows {plan.memory_limit_gb:.1f} GB: turn on "
+                   "model.activation_checkpointing, lower train.micro_batch_size or "
+                   "train.seq_len, raise cluster.min_nodes (the fewest workers hold the most "
+                   "each), or use a smaller model")
 
 
 def _si(n: float) -> str:
@@ -199,11 +228,12 @@ def render(plan: Plan, cfg: JobConfig) -> str:
             f"  {l.micro_batch_size:5d} x {l.grad_accum:<5d}  {mem.weights:8.2f}  {mem.gradients:5.2f}"
             f"  {mem.optimizer:5.2f}  {mem.activations_checkpointed:6.2f}/{mem.activations_full:<7.2f}"
             f"  {mem.total:9.2f}  {step}  {days}  {lp.cost_per_hour:7.2f}")
-    if plan.skipped:
-        sizes = ", ".join(str(w) for w, _ in plan.skipped[:6])
-        more = f", ... ({len(plan.skipped)} in all)" if len(plan.skipped) > 6 else ""
-        lines.append(f"  skipped world sizes: {sizes}{more}; {plan.skipped[0][1]}. An elastic run "
-                     "uses the largest allowed size that the live nodes can hold.")
+    skipped = plan.skipped
+    if skipped.count:
+        sizes = ", ".join(str(w) for w, _ in skipped.examples)
+        more = f", ... ({skipped.count} in all)" if skipped.count > len(skipped.examples) else ""
+        lines.append(f"  skipped world sizes: {sizes}{more}; {skipped.examples[0][1]}. An elastic "
+                     "run uses the largest allowed size that the live nodes can hold.")
     ckpt = "on" if cfg.model.activation_checkpointing else "off"
     lines.append(f"  memory per worker: up to {plan.memory_per_gpu_gb:.2f} GB with activation "
                  f"checkpointing {ckpt}" + (f" (limit {plan.memory_limit_gb:.0f} GB: "

@@ -15,19 +15,20 @@ import signal
 import sys
 import threading
 
-from platform.errors import run_cli
+from platform.errors import ArgumentParser, run_cli
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m platform.serve",
-                                     description="Serve a job's model over the OpenAI HTTP API.")
+    """Flags and Hydra overrides in any order."""
+    parser = ArgumentParser(prog="python -m platform.serve",
+                            description="Serve a job's model over the OpenAI HTTP API.")
     parser.add_argument("config", help="job file, e.g. conf/local_tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. serve.port=8080")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--alias", help="registry alias to serve and follow (default: serve.model_alias)")
     which.add_argument("--version", help="registry version to serve")
     which.add_argument("--checkpoint", help="local folder: a version / HF export or a training checkpoint")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str]) -> int:

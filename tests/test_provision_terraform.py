@@ -244,3 +244,24 @@ def test_local_capacity_shortage_from_a_job_config(tmp_path):
     assert prov.nodes() == []
     state = json.loads((prov.terraform.workdir / "terraform.tfstate").read_text())
     assert state["resources"] == []
+
+
+def test_plan_summary_raises_when_the_module_rejects_the_plan(tmp_path):
+    """A dry run must fail on the job's own module errors; only a missing provider is informational."""
+    module = _module(tmp_path / "m", """
+        variable "n" {
+          type = number
+          validation {
+            condition     = var.n <= 4
+            error_message = "n must be at most 4 on this module."
+          }
+        }
+        resource "terraform_data" "x" {
+          count = var.n
+        }
+    """)
+    tf = Terraform(module, tmp_path / "work")
+    with pytest.raises(ProvisionError) as info:
+        tf.plan_summary({"n": 5}, timeout_s=60)
+    assert info.value.kind == PERMANENT
+    assert "n must be at most 4 on this module." in str(info.value)

@@ -51,6 +51,11 @@ variable "tags" {
   description = "Labels recorded in each node's node.json (the local stand-in for instance tags)."
   type        = map(string)
   default     = {}
+
+  validation {
+    condition     = length(var.tags) <= 50
+    error_message = "At most 50 tags, as on EC2 instances."
+  }
 }
 
 variable "node_cpus" {
@@ -59,8 +64,8 @@ variable "node_cpus" {
   default     = 1
 
   validation {
-    condition     = var.node_cpus >= 1 && floor(var.node_cpus) == var.node_cpus
-    error_message = "node_cpus must be a whole number >= 1."
+    condition     = var.node_cpus >= 1 && var.node_cpus <= 1024 && floor(var.node_cpus) == var.node_cpus
+    error_message = "node_cpus must be a whole number from 1 to 1024."
   }
 }
 
@@ -70,8 +75,8 @@ variable "node_memory_mb" {
   default     = 3072
 
   validation {
-    condition     = var.node_memory_mb >= 256
-    error_message = "node_memory_mb must be at least 256."
+    condition     = var.node_memory_mb >= 256 && var.node_memory_mb <= 16777216
+    error_message = "node_memory_mb must be from 256 to 16777216 (16 TiB)."
   }
 }
 
@@ -81,8 +86,8 @@ variable "object_store_mb" {
   default     = 300
 
   validation {
-    condition     = var.object_store_mb >= 80
-    error_message = "object_store_mb must be at least 80 (Ray's minimum is 75 MiB)."
+    condition     = var.object_store_mb >= 80 && var.object_store_mb <= 16777216
+    error_message = "object_store_mb must be from 80 (Ray's minimum is 75 MiB) to 16777216 (16 TiB)."
   }
 }
 
@@ -113,8 +118,8 @@ variable "start_timeout_s" {
   default     = 120
 
   validation {
-    condition     = var.start_timeout_s >= 10
-    error_message = "start_timeout_s must be at least 10."
+    condition     = var.start_timeout_s >= 10 && var.start_timeout_s <= 86400
+    error_message = "start_timeout_s must be at least 10 and at most 86400 (a day)."
   }
 }
 
@@ -122,6 +127,11 @@ variable "stop_timeout_s" {
   description = "Seconds a node gets to exit on SIGTERM before it is killed."
   type        = number
   default     = 15
+
+  validation {
+    condition     = var.stop_timeout_s >= 1 && var.stop_timeout_s <= 3600
+    error_message = "stop_timeout_s must be from 1 to 3600."
+  }
 }
 
 variable "fail_apply" {

@@ -21,7 +21,7 @@ from platform.storage import ObjectInfo, ObjectNotFoundError, Store
 FORMAT = "dbrx-platform/checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_STEP_RE = re.compile(r"^step_(\d{9,})$")
+_STEP_RE = re.compile(r"step_(\d{9,})")
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -34,7 +34,7 @@ def step_dir(step: int) -> str:
 
 def parse_step_dir(name: str) -> int | None:
     """The step a folder name stands for, or None if it is not a step folder."""
-    match = _STEP_RE.match(name)
+    match = _STEP_RE.fullmatch(name)
     return int(match.group(1)) if match else None
 
 

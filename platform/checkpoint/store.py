@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 PROTECTED_DIR = ".protected"
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
-_TOKEN_RE = re.compile(r"^step_\d{9,}-[0-9a-f]{16}$")
+_TOKEN_RE = re.compile(r"step_\d{9,}-[0-9a-f]{16}")
 _IO_THREADS = 8
 T = TypeVar("T")
 R = TypeVar("R")
@@ -210,7 +210,7 @@ class CheckpointStore:
 
     def attach(self, token: str) -> Staging:
         """The Staging of an attempt another rank began, on this host."""
-        if not isinstance(token, str) or not _TOKEN_RE.match(token):
+        if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
             raise ValueError(f"not a staging token: {token!r}")
         staging = self._staging(token)
         staging.path.mkdir(parents=True, exist_ok=True)
@@ -475,7 +475,7 @@ class CheckpointStore:
                 removed.append(f"{self._root.uri}/{name}")
         if self._staging_root.is_dir():
             for entry in self._staging_root.iterdir():
-                if entry.is_dir() and _TOKEN_RE.match(entry.name) and _newest_mtime(entry) <= cutoff:
+                if entry.is_dir() and _TOKEN_RE.fullmatch(entry.name) and _newest_mtime(entry) <= cutoff:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(str(entry))
         if self._local and (self._root.root / TRASH_DIR).is_dir():

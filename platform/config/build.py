@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from platform.config.limits import items_limit
+from platform.config.rules import describe, text_problem
+from platform.config.schema import SECRET_KEYS
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,25 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _describe(path: str, value: Any) -> str:
+    """The value for a message; a secret is described by its type only, never echoed."""
+    if path in SECRET_KEYS:
+        return f"a hidden {type(value).__name__} value"
+    return describe(value)
+
+
+def pattern(path: str) -> str:
+    """`path` with list indexes generalised: data.sources[3].weight -> data.sources[].weight."""
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def _too_many(value: Any, path: str, problems: list[Problem]) -> bool:
+    """Whether a list or mapping is over its length cap (checked before its items are)."""
+    limit = items_limit(pattern(path))
+    if len(value) <= limit:
+        return False
+    problems.append(Problem(path, f"has {len(value)} entries; at most {limit} are allowed"))
+    return True
 
 
 def build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
@@ -66,17 +87,27 @@ def build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
         return _build_dataclass(tp, value, path, problems)
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
-            problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(value)}"))
+            problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(path, value)}"))
+            return _MISSING
+        if _too_many(value, path, problems):
             return _MISSING
         (item_tp,) = typing.get_args(tp)
         items = [build(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
         return [i for i in items if i is not _MISSING]
     if origin in (dict, typing.Dict):
         if not isinstance(value, Mapping):
-            problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(value)}"))
+            problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(path, value)}"))
+            return _MISSING
+        if _too_many(value, path, problems):
             return _MISSING
         _, val_tp = typing.get_args(tp)
-        out = {str(k): build(val_tp, v, f"{path}.{k}", problems) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            key_problem = text_problem(str(k))
+            if key_problem:
+                problems.append(Problem(path, f"key {describe(str(k))} {key_problem}"))
+            else:
+                out[str(k)] = build(val_tp, v, f"{path}.{k}", problems)
         return {k: v for k, v in out.items() if v is not _MISSING}
     ok = (
         (tp is bool and isinstance(value, bool))
@@ -85,15 +116,32 @@ def build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
         or (tp is str and isinstance(value, str))
     )
     if not ok:
-        problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(value)}"))
+        problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(path, value)}"))
+        return _MISSING
+    problem = _scalar_problem(tp, value)
+    if problem:
+        problems.append(Problem(path, problem))
         return _MISSING
     return float(value) if tp is float else value
+
+
+def _scalar_problem(tp: Any, value: Any) -> str | None:
+    """What makes a well-typed scalar unusable anywhere: an integer too large for a float,
+    an over-long string or one with control characters. (Ranges, inf and nan: limits.Range.)"""
+    if tp is float and isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return "must be a finite number, got an integer too large for a float"
+    if tp is str:
+        return text_problem(value)
+    return None
 
 
 def _build_dataclass(cls: type, value: Any, path: str, problems: list[Problem]) -> Any:
     if not isinstance(value, Mapping):
         problems.append(Problem(path, f"must be a mapping of {cls.__name__} fields, "
-                                      f"got {_describe(value)}"))
+                                      f"got {_describe(path, value)}"))
         return _MISSING
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

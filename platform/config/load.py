@@ -21,12 +21,16 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from platform.config.build import Problem, build, is_missing
+from platform.config.limits import MAX_FILE_BYTES
+from platform.config.rules import describe
 from platform.config.schema import SECRET_KEYS, JobConfig
 from platform.config.validate import validate
+from platform.config.yaml_files import YAML_ERRORS, yaml_problem
+from platform.errors import InputError, clip, redact
 
 
-class ConfigError(Exception):
-    """A job config that cannot run; `str()` is the message shown to users."""
+class ConfigError(InputError):
+    """A job config that cannot run (exit code 2); `str()` is the message shown to users."""
 
     def __init__(self, problems: Sequence[Problem], source: str = "") -> None:
         self.problems = list(problems)
@@ -37,7 +41,7 @@ class ConfigError(Exception):
         where = f" in {self.source}" if self.source else ""
         n = len(self.problems)
         head = f"invalid job config{where}: {n} problem{'s' if n != 1 else ''}"
-        return "\n".join([head] + [f"  - {p}" for p in self.problems])
+        return clip("\n".join([head] + [f"  - {p}" for p in self.problems]))
 
 
 def state_dir() -> str:
@@ -81,11 +85,20 @@ def _in_schema(key: str) -> bool:
     return True
 
 
-def _override_problem(message: str, overrides: list[str]) -> tuple[Problem | None, int | None]:
+def _hide_secrets(text: str, overrides: list[str]) -> str:
+    """`text` without the values of secret overrides (Hydra's errors quote them bare)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") in SECRET_KEYS and value:
+            text = text.replace(value, "***")
+    return text
+
+
+def _override_problem(exc: Exception, overrides: list[str]) -> tuple[Problem | None, int | None]:
     """Hydra's composition error as a Problem (None: retry, the override was
     repaired in place), and the index of the override at fault."""
-    text = " ".join(line.strip() for line in message.strip().splitlines())
-    text = text.split(" Config search path:")[0]
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines())
+    text = _hide_secrets(text.split(" Config search path:")[0], overrides)
     match = _UNKNOWN_OVERRIDE.search(text)
     if match:
         key = match.group(1)
@@ -94,11 +107,12 @@ def _override_problem(message: str, overrides: list[str]) -> tuple[Problem | Non
                 if _in_schema(key) and not o.startswith("+"):
                     overrides[i] = "+" + o   # a schema field the YAML leaves at its default
                     return None, None
-                return Problem(key, f"unknown key (override {o!r}); check the spelling, or "
-                                    f"write +{o} to add a new key"), i
+                return Problem(describe(key)[1:-1], f"unknown key (override {describe(o)}); "
+                                                    f"check the spelling, or write "
+                                                    f"+{describe(o)[1:-1]} to add a new key"), i
     for i, o in enumerate(overrides):
-        if o in text or o.split("=", 1)[0] in text:
-            return Problem("", f"override {o!r}: {text}"), i
+        if o == getattr(exc, "override", None) or o in text or o.split("=", 1)[0] in text:
+            return Problem("", f"override {describe(redact(o))}: {text}"), i
     return Problem("", text), None
 
 
@@ -115,8 +129,10 @@ def _compose(path: Path, overrides: Sequence[str]) -> tuple[Any, list[Problem]]:
                                        job_name="dbrx"):
                 cfg = compose(config_name=path.stem, overrides=remaining)
             break
+        except YAML_ERRORS as exc:   # a broken job or group file: say which, where, and the fix
+            raise ConfigError([*problems, yaml_problem(exc, path)], str(path)) from None
         except (HydraException, OmegaConfBaseException) as exc:
-            problem, index = _override_problem(str(exc), remaining)
+            problem, index = _override_problem(exc, remaining)
             if problem is None:
                 continue
             problems.append(problem)
@@ -138,6 +154,9 @@ def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobConfi
         raise ConfigError([Problem("", f"config file {path} not found")], str(path))
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError([Problem("", f"{path.name} is not a .yaml job file")], str(path))
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError([Problem("", f"{path.name} is {path.stat().st_size} bytes; a job file "
+                                       f"holds at most {MAX_FILE_BYTES}")], str(path))
     _register_resolvers()
     tree, problems = _compose(path, overrides)
     tree.pop("hydra", None)

@@ -1,133 +1,165 @@
-"""Cross-field checks: combinations that type-check but cannot run.
+"""Checks on a typed config: ranges first, then combinations that cannot run.
 
 Each check names the key to change and how, so a user can fix a job file
 from the message alone. All problems are collected, never just the first.
+Every number is checked against its range (`limits.RANGES`) before any other
+check runs, and a group with a number out of range skips the checks that
+would compute with it: nothing here does work proportional to an unchecked
+size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import ipaddress
 import os
 import re
+from typing import Callable, Iterator
 
 from platform.config.build import Problem
+from platform.config.limits import PROVIDER_MAX_NODES, RANGES
+from platform.config.rules import JOB_NAME, describe, name_problem, uri_problem
 from platform.config.schema import JobConfig
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _PROVIDERS = ("local", "aws")
 _PRECISIONS = ("auto", "fp32", "bf16")
 _FORMATS = ("auto", "text", "jsonl", "parquet")
+# Formats infra/aws checks (variables.tf) and cannot report offline: checked here first.
+_AWS_FORMATS = {
+    "region": (re.compile(r"[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-[0-9]"), "an AWS region such as us-east-1"),
+    "instance_type": (re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9]+"), "family.size, e.g. p5.48xlarge"),
+    "ami": (re.compile(r"(ami-[0-9a-f]{8}([0-9a-f]{9})?)?"), "empty or an AMI id like ami-0123456789abcdef0"),
+}
+
+# The keys the parallel layout is computed from: a problem with any of them skips that check.
+_LAYOUT_INPUTS = ("cluster.", "model.moe_num_experts", "train.global_batch_size",
+                  "train.micro_batch_size", "train.expert_parallel_size",
+                  "train.max_expert_parallel_size")
+
+Bad = Callable[[str, str], None]
 
 
 def validate(cfg: JobConfig) -> list[Problem]:
-    problems: list[Problem] = []
+    problems = range_problems(cfg)
+    broken = {_group(p.path) for p in problems}
 
     def bad(path: str, message: str) -> None:
         problems.append(Problem(path, message))
 
-    if not _NAME.match(cfg.name):
-        bad("name", f"{cfg.name!r} must be 1-63 lowercase letters, digits, '.', '_' or '-' "
-                    "(it names the job's checkpoints, MLflow run and Terraform state)")
-
-    for field, message in cfg.model.problems():
-        bad(f"model.{field}", message)
-
-    _check_cluster(cfg, bad)
-    _check_train(cfg, bad)
-    _check_data(cfg, bad)
-    _check_checkpoint(cfg, bad)
-    _check_serve(cfg, bad)
-    _check_port(bad, "tracking.ui_port", cfg.tracking.ui_port)
+    problem = name_problem(cfg.name, JOB_NAME)
+    if problem:
+        bad("name", f"{problem} (it names the job's checkpoints, MLflow run and Terraform state)")
+    if "model" not in broken:
+        for field, message in cfg.model.problems():
+            bad(f"model.{field}", message)
+    checks = {"cluster": _check_cluster, "train": _check_train, "data": _check_data,
+              "checkpoint": _check_checkpoint, "tracking": _check_tracking,
+              "promote": _check_promote, "serve": _check_serve}
+    for group, check in checks.items():
+        if group not in broken:
+            check(cfg, bad)
+    if not any(p.path.startswith(_LAYOUT_INPUTS) for p in problems):
+        _check_layout(cfg, bad)
     return problems
 
 
-def _check_port(bad, path: str, value: int) -> None:
-    if not 1 <= value <= 65535:
-        bad(path, f"{value} is not a TCP port (1-65535)")
+def _group(path: str) -> str:
+    return path.split(".")[0].split("[")[0]
 
 
-def _check_cluster(cfg: JobConfig, bad) -> None:
+def range_problems(cfg: JobConfig) -> list[Problem]:
+    """Every number outside its range in `limits.RANGES`."""
+    problems = []
+    for pattern, path, value in numbers(cfg):
+        bounds = RANGES.get(pattern)
+        message = bounds.problem(value) if bounds else None
+        if message:
+            problems.append(Problem(path, message))
+    return problems
+
+
+def numbers(obj: object, path: str = "", pattern: str = "") -> Iterator[tuple[str, str, float]]:
+    """(pattern, path, value) for every int and float in a built config: the pattern
+    writes list indexes as [] and mapping keys as *, as limits.RANGES does."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            sep = "." if path else ""
+            yield from numbers(getattr(obj, f.name), f"{path}{sep}{f.name}", f"{pattern}{sep}{f.name}")
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from numbers(item, f"{path}[{i}]", f"{pattern}[]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from numbers(item, f"{path}.{key}", f"{pattern}.*")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield pattern, path, obj
+
+
+def _check_cluster(cfg: JobConfig, bad: Bad) -> None:
     c = cfg.cluster
     if c.provider not in _PROVIDERS:
-        bad("cluster.provider", f"{c.provider!r} is not one of {', '.join(_PROVIDERS)}")
-    if c.min_nodes < 1:
-        bad("cluster.min_nodes", f"must be at least 1, got {c.min_nodes}")
+        bad("cluster.provider", f"{describe(c.provider)} is not one of {', '.join(_PROVIDERS)}")
+        return
     if c.min_nodes > c.max_nodes:
         bad("cluster.min_nodes", f"min_nodes {c.min_nodes} exceeds max_nodes {c.max_nodes}: "
                                  "lower min_nodes or raise max_nodes")
-    if c.gpus_per_node < 0:
-        bad("cluster.gpus_per_node", f"must be >= 0 (0 means CPU nodes), got {c.gpus_per_node}")
-    if c.cpus_per_worker < 1:
-        bad("cluster.cpus_per_worker", f"must be at least 1, got {c.cpus_per_worker}")
+    limit = PROVIDER_MAX_NODES[c.provider]
+    if c.max_nodes > limit:
+        bad("cluster.max_nodes", f"{c.max_nodes} nodes exceed the {limit} that infra/{c.provider} "
+                                 f"runs: lower max_nodes to {limit} or less")
     if c.provider == "aws":
-        if c.gpus_per_node < 1:
-            bad("cluster.gpus_per_node", "aws nodes are GPU instances: set gpus_per_node (8 on p5.48xlarge)")
-        if not c.region:
-            bad("cluster.region", "aws needs a region, e.g. cluster.region=us-east-1")
+        _check_aws(cfg, bad)
     if c.gpus_per_node > 0 and c.gpu_memory_gb <= 0:
         bad("cluster.gpu_memory_gb", "set the accelerator memory so the plan can check that the model fits")
-    for key in ("head_port", "dashboard_port"):
-        _check_port(bad, f"cluster.{key}", getattr(c, key))
-    if c.node_join_timeout_s <= 0:
-        bad("cluster.node_join_timeout_s", f"must be positive, got {c.node_join_timeout_s}")
-    if c.worker_start_timeout_s <= 0:
-        bad("cluster.worker_start_timeout_s", f"must be positive, got {c.worker_start_timeout_s}")
 
 
-def _check_train(cfg: JobConfig, bad) -> None:
-    from platform.layout import allowed_layouts, world_sizes
+def _check_aws(cfg: JobConfig, bad: Bad) -> None:
+    c = cfg.cluster
+    if c.gpus_per_node < 1:
+        bad("cluster.gpus_per_node", "aws nodes are GPU instances: set gpus_per_node (8 on p5.48xlarge)")
+    if not c.region:
+        bad("cluster.region", "aws needs a region, e.g. cluster.region=us-east-1")
+        return
+    for key, (rule, what) in _AWS_FORMATS.items():
+        value = getattr(c, key)
+        if not rule.fullmatch(value):
+            bad(f"cluster.{key}", f"{describe(value)} must be {what}")
 
+
+def _check_train(cfg: JobConfig, bad: Bad) -> None:
     t, m = cfg.train, cfg.model
-    positive = ("global_batch_size", "micro_batch_size", "seq_len", "total_tokens",
-                "log_every_steps", "eval_every_steps", "eval_batches")
-    for key in positive:
-        if getattr(t, key) <= 0:
-            bad(f"train.{key}", f"must be positive, got {getattr(t, key)}")
-    if t.seq_len > m.max_seq_len > 0:
+    if t.seq_len > m.max_seq_len:
         bad("train.seq_len", f"{t.seq_len} exceeds the model context model.max_seq_len "
                              f"{m.max_seq_len}")
-    if t.lr <= 0:
-        bad("train.lr", f"must be positive, got {t.lr}")
-    if not 0 <= t.min_lr <= t.lr:
+    if t.min_lr > t.lr:
         bad("train.min_lr", f"must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
-    if t.warmup_steps < 0:
-        bad("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    for key in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(t, key) < 1:
-            bad(f"train.{key}", f"must be in [0, 1), got {getattr(t, key)}")
-    if t.grad_clip < 0:
-        bad("train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
-    if t.zero_stage not in (0, 1, 2):
-        bad("train.zero_stage", f"{t.zero_stage} is not supported: DeepSpeed partitions "
-                                "expert-parallel MoE parameters with ZeRO 0, 1 or 2 only")
     if t.precision not in _PRECISIONS:
-        bad("train.precision", f"{t.precision!r} is not one of {', '.join(_PRECISIONS)}")
+        bad("train.precision", f"{describe(t.precision)} is not one of {', '.join(_PRECISIONS)}")
     if t.precision == "bf16" and cfg.cluster.gpus_per_node == 0:
         bad("train.precision", "bf16 training needs GPUs; use fp32 (or auto) on CPU nodes")
-    if t.max_failures < 0:
-        bad("train.max_failures", f"must be >= 0, got {t.max_failures}")
-    if not 0 < t.assumed_mfu <= 1:
-        bad("train.assumed_mfu", f"must be in (0, 1], got {t.assumed_mfu}")
     experts = m.moe_num_experts
     for key in ("expert_parallel_size", "max_expert_parallel_size"):
         value = getattr(t, key)
-        if value < 0 or (value > 0 and experts > 0 and experts % value):
+        if value > 0 and experts % value:
             bad(f"train.{key}", f"{value} must divide model.moe_num_experts ({experts}), "
                                 "or be 0 for automatic")
-            return
-    if any(getattr(t, k) <= 0 for k in ("global_batch_size", "micro_batch_size")) \
-            or cfg.cluster.min_nodes > cfg.cluster.max_nodes or experts <= 0:
-        return
+
+
+def _check_layout(cfg: JobConfig, bad: Bad) -> None:
+    """Some world size in min..max nodes must split the global batch."""
+    from platform.layout import allowed_layouts, world_size_range
+
+    t = cfg.train
     allowed, skipped = allowed_layouts(cfg)
     if not allowed:
-        sizes = world_sizes(cfg.cluster)
-        reasons = "; ".join(reason for _, reason in skipped[:3])
+        sizes = world_size_range(cfg.cluster)
+        reasons = "; ".join(reason for _, reason in skipped.examples[:3])
         bad("train.global_batch_size",
             f"no allowed world size ({sizes[0]}..{sizes[-1]} workers) can split it: {reasons}. "
             f"Make it a multiple of micro_batch_size x workers, e.g. "
             f"{t.micro_batch_size * sizes[-1]}")
-    elif t.total_tokens > 0 and t.total_tokens < t.global_batch_size * t.seq_len:
+    elif t.total_tokens < t.global_batch_size * t.seq_len:
         bad("train.total_tokens", f"{t.total_tokens} is less than one step "
                                   f"({t.global_batch_size * t.seq_len} tokens)")
 
@@ -137,56 +169,80 @@ def _local_path_exists(path: str) -> bool:
     return os.path.exists(expanded) or bool(glob.glob(expanded, recursive=True))
 
 
-def _check_data(cfg: JobConfig, bad) -> None:
+def _check_data(cfg: JobConfig, bad: Bad) -> None:
     d = cfg.data
     if not d.sources:
         bad("data.sources", "no data sources: add at least one {name, path}")
     names = [s.name for s in d.sources]
     for i, s in enumerate(d.sources):
-        where = f"data.sources[{i}]"
-        if names.count(s.name) > 1:
-            bad(f"{where}.name", f"source name {s.name!r} is used more than once")
-        if s.format not in _FORMATS:
-            bad(f"{where}.format", f"{s.format!r} is not one of {', '.join(_FORMATS)}")
-        if s.weight < 0:
-            bad(f"{where}.weight", f"must be >= 0, got {s.weight}")
-        if not s.path:
-            bad(f"{where}.path", f"source {s.name!r} has no path")
-        elif "://" not in s.path and not _local_path_exists(s.path):
-            bad(f"{where}.path", f"source {s.name!r}: {s.path} does not exist on this machine")
+        _check_source(i, s, names.count(s.name) > 1, bad)
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         bad("data.sources", "the source weights sum to 0: give at least one source a positive weight")
+    _check_curriculum(cfg, names, bad)
+    _check_uri(bad, "data.cache_dir", d.cache_dir, schemes=())
+    _check_uri(bad, "data.s3_endpoint_url", d.s3_endpoint_url, schemes=("http", "https"))
+
+
+def _check_source(i: int, s, duplicate: bool, bad: Bad) -> None:
+    where = f"data.sources[{i}]"
+    problem = name_problem(s.name)
+    if problem:
+        bad(f"{where}.name", problem)
+    elif duplicate:
+        bad(f"{where}.name", f"source name {s.name!r} is used more than once")
+    if s.format not in _FORMATS:
+        bad(f"{where}.format", f"{describe(s.format)} is not one of {', '.join(_FORMATS)}")
+    if not s.path:
+        bad(f"{where}.path", f"source {describe(s.name)} has no path")
+    elif "://" in s.path:
+        _check_uri(bad, f"{where}.path", s.path, schemes=("s3",))
+    elif not _local_path_exists(s.path):
+        bad(f"{where}.path", f"source {describe(s.name)}: {describe(s.path)} does not exist on "
+                             "this machine")
+
+
+def _check_curriculum(cfg: JobConfig, names: list[str], bad: Bad) -> None:
     last = -1
-    for i, stage in enumerate(d.curriculum):
+    for i, stage in enumerate(cfg.data.curriculum):
         where = f"data.curriculum[{i}]"
         if stage.start_step <= last:
             bad(f"{where}.start_step", f"stages must have increasing start_step; "
                                        f"{stage.start_step} follows {last}")
         last = stage.start_step
-        for name, w in stage.weights.items():
+        for name in stage.weights:
             if name not in names:
-                bad(f"{where}.weights.{name}", f"no data source named {name!r} "
+                bad(f"{where}.weights.{name}", f"no data source named {describe(name)} "
                                                f"(known: {', '.join(names)})")
-            elif w < 0:
-                bad(f"{where}.weights.{name}", f"must be >= 0, got {w}")
         if stage.weights and sum(stage.weights.values()) <= 0:
             bad(f"{where}.weights", "the weights sum to 0: give a source a positive weight")
-    if not 0 <= d.eval_fraction < 1:
-        bad("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
-    if d.num_tokenize_workers < 1:
-        bad("data.num_tokenize_workers", f"must be at least 1, got {d.num_tokenize_workers}")
 
 
-def _check_checkpoint(cfg: JobConfig, bad) -> None:
+def _check_uri(bad: Bad, path: str, value: str | None, schemes: tuple[str, ...] | None) -> None:
+    """`value` (None or '' are fine: unset) against `rules.uri_problem`."""
+    problem = uri_problem(value, schemes) if value else None
+    if problem:
+        bad(path, problem)
+
+
+def _check_checkpoint(cfg: JobConfig, bad: Bad) -> None:
     c = cfg.checkpoint
     if not c.uri:
         bad("checkpoint.uri", "set a local directory or an s3://bucket/prefix")
-    elif "://" in c.uri and not c.uri.startswith(("s3://", "file://")):
-        bad("checkpoint.uri", f"{c.uri!r}: only local paths, file:// and s3:// are supported")
-    if c.every_steps < 1:
-        bad("checkpoint.every_steps", f"must be at least 1, got {c.every_steps}")
-    if c.keep_last < 1:
-        bad("checkpoint.keep_last", f"must be at least 1, got {c.keep_last}")
+    _check_uri(bad, "checkpoint.uri", c.uri, schemes=("s3", "file"))
+    _check_uri(bad, "checkpoint.s3_endpoint_url", c.s3_endpoint_url, schemes=("http", "https"))
+
+
+def _check_tracking(cfg: JobConfig, bad: Bad) -> None:
+    t = cfg.tracking
+    _check_uri(bad, "tracking.tracking_uri", t.tracking_uri, schemes=None)
+    _check_uri(bad, "tracking.artifact_location", t.artifact_location, schemes=None)
+
+
+def _check_promote(cfg: JobConfig, bad: Bad) -> None:
+    for key in ("registered_model", "alias"):
+        problem = name_problem(getattr(cfg.promote, key))
+        if problem:
+            bad(f"promote.{key}", problem)
 
 
 def _is_loopback(host: str) -> bool:
@@ -198,24 +254,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_serve(cfg: JobConfig, bad) -> None:
+def _check_serve(cfg: JobConfig, bad: Bad) -> None:
     s = cfg.serve
-    _check_port(bad, "serve.port", s.port)
     if not _is_loopback(s.host) and not s.api_key:
-        bad("serve.api_key", f"serve.host {s.host} is reachable from other machines: set an API "
-                             "key (e.g. serve.api_key=${oc.env:DBRX_SERVE_API_KEY}) or bind to 127.0.0.1")
-    if s.num_replicas < 1:
-        bad("serve.num_replicas", f"must be at least 1, got {s.num_replicas}")
+        bad("serve.api_key", f"serve.host {describe(s.host)} is reachable from other machines: set "
+                             "an API key (e.g. serve.api_key=${oc.env:DBRX_SERVE_API_KEY}) or bind "
+                             "to 127.0.0.1")
     if s.max_replicas < s.num_replicas:
         bad("serve.max_replicas", f"{s.max_replicas} is below serve.num_replicas {s.num_replicas}")
-    if s.max_batch_size < 1:
-        bad("serve.max_batch_size", f"must be at least 1, got {s.max_batch_size}")
-    if s.alias_poll_s <= 0:
-        bad("serve.alias_poll_s", f"must be positive, got {s.alias_poll_s}")
-    for key in ("replica_cpus", "replica_gpus"):
-        if getattr(s, key) < 0:
-            bad(f"serve.{key}", f"must be >= 0, got {getattr(s, key)}")
-    if cfg.promote.gate_tolerance < 0:
-        bad("promote.gate_tolerance", f"must be >= 0, got {cfg.promote.gate_tolerance}")
-    if s.max_tokens_limit < 1:
-        bad("serve.max_tokens_limit", f"must be at least 1, got {s.max_tokens_limit}")
+    problem = name_problem(s.model_alias)
+    if problem:
+        bad("serve.model_alias", problem)

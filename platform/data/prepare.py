@@ -8,7 +8,6 @@ workers then only memory-map the result (platform.data.loader).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -126,12 +125,14 @@ def describe(prepared: PreparedData, seq_len: int | None = None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m platform.data.prepare", description=__doc__.splitlines()[0])
+    from platform.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m platform.data.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="job YAML, e.g. conf/local_tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.eval_fraction=0.05")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if a complete cache exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # flags and overrides in any order
     from platform.config import load_job
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

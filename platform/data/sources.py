@@ -33,7 +33,7 @@ FORMATS = ("text", "jsonl", "parquet")
 _JSONL_EXTS = (".jsonl", ".ndjson", ".json")
 _PARQUET_EXTS = (".parquet", ".pq")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Sniff this many leading bytes of a text file for NUL: binary files are skipped, not trained on.
 _BINARY_SNIFF = 8192
 
@@ -57,7 +57,7 @@ class SourceFile:
 
 def check_source_name(name: str) -> None:
     """Source names become cache file names and mixture keys: keep them plain."""
-    if not isinstance(name, str) or not _SOURCE_NAME.match(name):
+    if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name):
         raise DataError(f"data source name {name!r} is not allowed: use letters, digits, '_', '.', '-'")
 
 

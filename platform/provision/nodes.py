@@ -191,7 +191,7 @@ class Provisioner:
         self.terraform.destroy(self._variables([]))
 
     def plan_summary(self, n: int) -> str:
-        """What `up(n)` would do, for `submit --dry-run` (never raises)."""
+        """What `up(n)` would do, for `submit --dry-run` (raises ProvisionError when Terraform rejects the module; a module whose providers cannot be fetched is reported, not raised)."""
         names = [f"{self.job_name}-node-{i}" for i in range(n)]
         return self.terraform.plan_summary(self._variables(names), timeout_s=60.0)
 

@@ -318,29 +318,31 @@ class Terraform:
     def plan_summary(self, variables: Mapping[str, Any], timeout_s: float = 60.0) -> str:
         """One paragraph for `submit --dry-run`: the plan's summary, or why there is none.
 
-        Never raises and never waits long: no retries, short timeouts, no
-        waiting for a lock another controller holds."""
+        Raises the ProvisionError when Terraform reports an error in the job's
+        own module or variables: that job cannot run, and the dry-run must say
+        so. What only this machine lacks (terraform itself, the providers'
+        download, a lock another controller holds, time) is reported, not
+        raised. Never waits long: no retries, short timeouts."""
         where = f"infra/{self.module.name}"
         if self.binary is None:
             return (f"Terraform plan ({where}): unavailable: terraform is not installed "
                     f"(put terraform >= 1.9 on the PATH or set {TERRAFORM_BIN_ENV})")
         try:
             with self.locked("plan", wait_s=0):
-                try:
-                    self.init(timeout_s, retry=False)
-                except ProvisionError as exc:
-                    if any(p in str(exc) for p in _PROVIDER_MISSING):
-                        return (f"Terraform plan ({where}): unavailable: the module's providers "
-                                "are not installed and cannot be downloaded from here "
-                                f"({_first_error(exc)}). Run with registry access or a "
-                                "provider mirror (TF_CLI_CONFIG_FILE) to see the plan.")
-                    raise
+                self.init(timeout_s, retry=False)
                 summary = self._plan(variables, (), False, timeout_s, retry=False, lock_timeout_s=5)
         except LockError:
             return (f"Terraform plan ({where}): unavailable: another controller is changing "
                     "this job's nodes right now")
         except ProvisionError as exc:
-            return f"Terraform plan ({where}): unavailable: {_first_error(exc)}"
+            if any(p in str(exc) for p in _PROVIDER_MISSING):
+                return (f"Terraform plan ({where}): unavailable: the module's providers "
+                        "are not installed and cannot be downloaded from here "
+                        f"({_first_error(exc)}). Run with registry access or a "
+                        "provider mirror (TF_CLI_CONFIG_FILE) to see the plan.")
+            if exc.kind == TIMEOUT:
+                return f"Terraform plan ({where}): unavailable: {_first_error(exc)}"
+            raise
         return f"Terraform plan ({where}):\n{summary}"
 
     # -- internals -------------------------------------------------------
