@@ -43,11 +43,12 @@ def main() -> None:
     from model import DBRX
     from model.counting import training_flops_per_token
     from platform.checkpoint import CheckpointStore
+    from platform.checkpoint.trainer_state import save_state
     from platform.config import load_job
     from platform.layout import layout_for
     from platform.train.engine import build_job_engine, expert_parallel_group
-    from platform.train.loop import measured_peak_flops, train_step
-    from platform.train.state import save_state
+    from platform.train.step import train_step
+    from platform.train.throughput import measured_peak_flops
 
     cfg = load_job(ROOT / "conf" / "local_tiny.yaml", args.overrides)
     layout = layout_for(cfg, 1)
@@ -57,11 +58,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg.model.vocab_size - 100, (t.global_batch_size, t.seq_len + 1), generator=g)
     micro = list(batch.split(t.micro_batch_size))
-    train_step(eng, micro, cfg, torch.device("cpu"))              # warm-up
+    train_step(eng.engine, micro, torch.device("cpu"))              # warm-up
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        train_step(eng, micro, cfg, torch.device("cpu"))
+        train_step(eng.engine, micro, torch.device("cpu"))
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     tokens = t.global_batch_size * t.seq_len

@@ -6,8 +6,9 @@ Exports are resolved lazily (PEP 562) so that `import model.config` or
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from model.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from model.config import DBRXConfig
@@ -21,15 +22,4 @@ _EXPORTS = {
     "GenerationOutput": "model.generate",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'model' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

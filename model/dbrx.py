@@ -15,8 +15,9 @@ logits (model.loss); pass `return_logits=False` to skip them altogether.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model import hf
 from model.attention import KVCache, rotary_tables
 from model.block import DBRXBlock
 from model.config import DBRXConfig
+from model.generate import GenerationOutput
+from model.generate import generate as generate_tokens
 from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.moe import Experts, expert_group_name
-
-if TYPE_CHECKING:
-    from model.generate import GenerationOutput
 
 
 def objective(cfg: DBRXConfig, lm_loss: torch.Tensor, lb_loss: torch.Tensor,
@@ -101,8 +102,31 @@ class DBRX(nn.Module):
                 for p in module.parameters():
                     nn.init.normal_(p, mean=0.0, std=std)
 
-    def finalize_loaded(self) -> None:
-        """Restore ties and expert tags after `load_state_dict(..., assign=True)` replaced parameters."""
+    def assign_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take `state`'s tensors as the parameters, without copying them.
+
+        Loaders build the model on the meta device and assign, so nothing is
+        initialised only to be overwritten. A tied model's lm_head may be
+        absent: checkpoints store the shared tensor once.
+        """
+        state = dict(state)
+        if self.cfg.tie_word_embeddings and "lm_head.weight" not in state and "wte.weight" in state:
+            state["lm_head.weight"] = state["wte.weight"]
+        self.load_state_dict(state, strict=True, assign=True)
+        self._relink_parameters()               # assign replaced the parameter objects
+
+    def materialize(self, device: Union[str, torch.device]) -> "DBRX":
+        """Give a model built on the meta device uninitialised memory on `device`.
+
+        For callers that initialise the weights themselves (the training worker's
+        seeded init): nothing is initialised only to be overwritten.
+        """
+        self.to_empty(device=device)
+        self._relink_parameters()               # to_empty made new parameter objects
+        return self
+
+    def _relink_parameters(self) -> None:
+        """Restore what new parameter objects lose: the tied head and DeepSpeed's expert tags."""
         self.tie_weights()
         for block in self.blocks:
             block.ffn.tag_expert_params()
@@ -137,6 +161,19 @@ class DBRX(nn.Module):
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         expert_ids = {id(p) for p in self.expert_parameters()}
         return (p for p in self.parameters() if id(p) not in expert_ids)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with every expert; under expert parallelism a collective of the EP group."""
+        state = dict(self.state_dict())
+        if self.ep_size == 1:
+            return state
+        expert_ids = {id(p) for p in self.expert_parameters()}
+        for name, p in self.named_parameters():
+            if id(p) in expert_ids:
+                parts = [torch.empty_like(state[name]) for _ in range(self.ep_size)]
+                dist.all_gather(parts, state[name].contiguous(), group=self.ep_group)
+                state[name] = torch.cat(parts)
+        return state
 
     # ---------------------------------------------------------------- forward
 
@@ -252,18 +289,39 @@ class DBRX(nn.Module):
 
     # -------------------------------------------------- generation and interop
 
-    def generate(self, prompts: Union[torch.Tensor, list[list[int]]], **kwargs: Any) -> "GenerationOutput":
+    def generate(self, prompts: Union[torch.Tensor, list[list[int]]], **kwargs: Any) -> GenerationOutput:
         """See model.generate.generate."""
-        from model.generate import generate
-        return generate(self, prompts, **kwargs)
+        return generate_tokens(self, prompts, **kwargs)
 
     @classmethod
-    def from_hf(cls, source: Any, **kwargs: Any) -> "DBRX":
-        """Load Hugging Face DbrxForCausalLM weights; see model.hf.load_hf."""
-        from model.hf import load_hf
-        return load_hf(source, **kwargs)
+    def from_hf(cls, source: Any, *, config: Optional[Union[DBRXConfig, Mapping, Any]] = None,
+                ep_group: Optional[dist.ProcessGroup] = None, dtype: Optional[torch.dtype] = None,
+                device: Optional[Union[str, torch.device]] = None) -> "DBRX":
+        """A DBRX holding the weights of a Hugging Face DbrxForCausalLM.
 
-    def to_hf(self, path: str, **kwargs: Any) -> None:
-        """Export in Hugging Face DbrxForCausalLM format; see model.hf.save_hf."""
-        from model.hf import save_hf
-        save_hf(self, path, **kwargs)
+        source / config: see model.hf.open_weights (a directory, a transformers
+            model, or an HF-named state dict with its config).
+        ep_group: expert-parallel group; each rank reads only its experts' rows
+            (from safetensors without loading the others).
+        dtype: cast weights to it (default: keep the checkpoint's dtype).
+        """
+        cfg, weights = hf.open_weights(source, config)
+        with torch.device("meta"):
+            model = cls(cfg, ep_group=ep_group)
+        model.assign_state_dict(hf.state_from_hf(weights, model.state_dict(), cfg, model.local_experts,
+                                                 dtype))
+        if device is not None:
+            model.to(device)
+        return model
+
+    def to_hf(self, path: str, *, dtype: Optional[torch.dtype] = None,
+              max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
+        """Write config.json + safetensors (sharded above `max_shard_bytes`) that
+        transformers' DbrxForCausalLM.from_pretrained loads.
+
+        Under expert parallelism every rank of the EP group must call this (the
+        experts are gathered); only EP rank 0 writes.
+        """
+        state = self.full_state_dict()
+        if self.ep_rank == 0:
+            hf.write_hf(path, state, self.cfg, dtype=dtype, max_shard_bytes=max_shard_bytes)

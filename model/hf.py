@@ -1,4 +1,4 @@
-"""Hugging Face interop: load and save transformers' DbrxForCausalLM format.
+"""Hugging Face interop: the names, config and files of transformers' DbrxForCausalLM.
 
 Our parameters have the same shapes and layouts as Hugging Face's (experts
 stacked [experts * ffn, d_model], w2 untransposed), so conversion is a rename:
@@ -11,9 +11,12 @@ stacked [experts * ffn, d_model], w2 untransposed), so conversion is a rename:
     norm_f.weight                     transformer.norm_f.weight
     lm_head.weight                    lm_head.weight
 
-Nothing here imports transformers: config.json is read and written as JSON
-and weights as safetensors, so serving and training need only torch and
-safetensors. A transformers model object is accepted when one is passed in.
+This module maps names and configs and moves tensors; it never builds a
+model, so it does not import DBRX: `DBRX.from_hf` and `DBRX.to_hf` build and
+export one with it. Nothing here imports transformers: config.json is read
+and written as JSON and weights as safetensors, so serving and training need
+only torch and safetensors. A transformers model object is accepted when one
+is passed in.
 
 Semantics checked against transformers 5.x modeling_dbrx.py:
 - rope theta: HF uses `rope_parameters.rope_theta`; the original DBRX
@@ -31,52 +34,59 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+import string
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.distributed as dist
 
 from model.config import DBRXConfig
-from model.dbrx import DBRX
 
 CONFIG_FILE = "config.json"
 SAFE_FILE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+MAX_SHARD_BYTES = 5 * 2**30
 # Fields of DBRXConfig that HF's DbrxConfig cannot hold; kept under this key in config.json.
 EXTRA_KEY = "dbrx_platform"
 
-_TO_HF = [
-    (re.compile(r"^wte\.weight$"), r"transformer.wte.weight"),
-    (re.compile(r"^norm_f\.weight$"), r"transformer.norm_f.weight"),
-    (re.compile(r"^lm_head\.weight$"), r"lm_head.weight"),
-    (re.compile(r"^blocks\.(\d+)\.(norm_1|norm_2|attn)\.(.+)$"),
-     r"transformer.blocks.\1.norm_attn_norm.\2.\3"),
-    (re.compile(r"^blocks\.(\d+)\.ffn\.router\.layer\.weight$"),
-     r"transformer.blocks.\1.ffn.router.layer.weight"),
-    (re.compile(r"^blocks\.(\d+)\.ffn\.experts\.(w1|v1|w2)$"),
-     r"transformer.blocks.\1.ffn.experts.mlp.\2"),
+# ------------------------------------------------------------------ names
+
+# (ours, Hugging Face): one table read both ways. A {field} matches _FIELDS[field]
+# on one side and is carried over to the other.
+_EXPERTS = ("blocks.{layer}.ffn.experts.{matrix}", "transformer.blocks.{layer}.ffn.experts.mlp.{matrix}")
+_NAMES = [
+    ("wte.weight", "transformer.wte.weight"),
+    ("norm_f.weight", "transformer.norm_f.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("blocks.{layer}.{sub}.{param}", "transformer.blocks.{layer}.norm_attn_norm.{sub}.{param}"),
+    ("blocks.{layer}.ffn.router.layer.weight", "transformer.blocks.{layer}.ffn.router.layer.weight"),
+    _EXPERTS,
 ]
-_FROM_HF = [
-    (re.compile(r"^transformer\.wte\.weight$"), r"wte.weight"),
-    (re.compile(r"^transformer\.norm_f\.weight$"), r"norm_f.weight"),
-    (re.compile(r"^lm_head\.weight$"), r"lm_head.weight"),
-    (re.compile(r"^transformer\.blocks\.(\d+)\.norm_attn_norm\.(norm_1|norm_2|attn)\.(.+)$"),
-     r"blocks.\1.\2.\3"),
-    (re.compile(r"^transformer\.blocks\.(\d+)\.ffn\.router\.layer\.weight$"),
-     r"blocks.\1.ffn.router.layer.weight"),
-    (re.compile(r"^transformer\.blocks\.(\d+)\.ffn\.experts\.mlp\.(w1|v1|w2)$"),
-     r"blocks.\1.ffn.experts.\2"),
-]
-_EXPERT_KEY = re.compile(r"^blocks\.\d+\.ffn\.experts\.(w1|v1|w2)$")
+_FIELDS = {"layer": r"\d+", "sub": "norm_1|norm_2|attn", "param": ".+", "matrix": "w1|v1|w2"}
 
 
-def _rename(key: str, rules) -> str:
+def _pattern(template: str) -> re.Pattern:
+    """`template` as a regex: its text literal, each {field} a named group."""
+    parts = []
+    for literal, field, _spec, _conversion in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(f"(?P<{field}>{_FIELDS[field]})")
+    return re.compile("".join(parts))
+
+
+_TO_HF = [(_pattern(ours), hf) for ours, hf in _NAMES]
+_FROM_HF = [(_pattern(hf), ours) for ours, hf in _NAMES]
+_EXPERT_KEY = _pattern(_EXPERTS[0])
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
     for pattern, template in rules:
-        if pattern.match(key):
-            return pattern.sub(template, key)
+        match = pattern.fullmatch(key)
+        if match:
+            return template.format(**match.groupdict())
     raise KeyError(f"unexpected DBRX parameter name {key!r}")
 
 
@@ -159,34 +169,34 @@ def _as_dict(x: Any) -> dict:
 
 # ------------------------------------------------------------------ loading
 
-# A weight source: HF name -> function(rows) giving that tensor, rows=None for all rows.
-_Reader = dict[str, Callable[[Optional[slice]], torch.Tensor]]
+# Weights by HF name: function(rows) giving that tensor, rows=None for all rows.
+Weights = dict[str, Callable[[Optional[slice]], torch.Tensor]]
 
 
-def _reader_from_tensors(sd: Mapping[str, torch.Tensor]) -> _Reader:
+def _weights_from_tensors(sd: Mapping[str, torch.Tensor]) -> Weights:
     # Copies: the loaded model must not share storage with the source model.
     return {k: (lambda rows, t=t: (t if rows is None else t[rows]).detach().clone())
             for k, t in sd.items()}
 
 
-def _reader_from_dir(path: str) -> _Reader:
+def _weights_from_dir(path: str) -> Weights:
     from safetensors import safe_open
 
-    def safetensors_files(files: list[str]) -> _Reader:
-        reader: _Reader = {}
+    def safetensors_files(files: list[str]) -> Weights:
+        weights: Weights = {}
         for name in files:
             handle = safe_open(os.path.join(path, name), framework="pt", device="cpu")
             for key in handle.keys():
-                reader[key] = (lambda rows, h=handle, k=key:
-                               h.get_tensor(k) if rows is None else h.get_slice(k)[rows])
-        return reader
+                weights[key] = (lambda rows, h=handle, k=key:
+                                h.get_tensor(k) if rows is None else h.get_slice(k)[rows])
+        return weights
 
-    def bin_files(files: list[str]) -> _Reader:
+    def bin_files(files: list[str]) -> Weights:
         sd: dict[str, torch.Tensor] = {}
         for name in files:
             sd.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True,
                                  mmap=True))
-        return _reader_from_tensors(sd)
+        return _weights_from_tensors(sd)
 
     for index, single, read in ((SAFE_INDEX, SAFE_FILE, safetensors_files),
                                 (BIN_INDEX, BIN_FILE, bin_files)):
@@ -198,90 +208,67 @@ def _reader_from_dir(path: str) -> _Reader:
     raise FileNotFoundError(f"no {SAFE_FILE}, {SAFE_INDEX}, {BIN_FILE} or {BIN_INDEX} in {path}")
 
 
-def load_hf(source: Any, *, config: Optional[Union[DBRXConfig, Mapping, Any]] = None,
-            ep_group: Optional[dist.ProcessGroup] = None, dtype: Optional[torch.dtype] = None,
-            device: Optional[Union[str, torch.device]] = None) -> DBRX:
-    """A DBRX holding the weights of a Hugging Face DbrxForCausalLM.
+def open_weights(source: Any, config: Optional[Union[DBRXConfig, Mapping, Any]] = None
+                 ) -> tuple[DBRXConfig, Weights]:
+    """The config and (lazily read) weights of a Hugging Face DbrxForCausalLM.
 
-    source: a directory saved by `save_pretrained`/`save_hf` (config.json +
+    source: a directory saved by `save_pretrained`/`DBRX.to_hf` (config.json +
         safetensors, sharded or not, or pytorch_model.bin), a transformers
         DbrxForCausalLM object, or an HF-named state dict (then `config` is
         required: a DBRXConfig, an HF DbrxConfig or a config.json dict).
-    ep_group: expert-parallel group; each rank reads only its experts' rows
-        (from safetensors without loading the others).
-    dtype: cast weights to it (default: keep the checkpoint's dtype).
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if config is None:
             with open(os.path.join(path, CONFIG_FILE)) as f:
                 config = json.load(f)
-        reader = _reader_from_dir(path)
+        weights = _weights_from_dir(path)
     elif isinstance(source, Mapping):
         if config is None:
             raise ValueError("loading from a state dict needs config= (DBRXConfig or HF config)")
-        reader = _reader_from_tensors(source)
+        weights = _weights_from_tensors(source)
     elif hasattr(source, "state_dict") and hasattr(source, "config"):
         config = config if config is not None else source.config
-        reader = _reader_from_tensors(source.state_dict())
+        weights = _weights_from_tensors(source.state_dict())
     else:
         raise TypeError(f"cannot load DBRX weights from {type(source).__name__}: pass a directory, "
                         "a DbrxForCausalLM or a state dict")
-    cfg = config if isinstance(config, DBRXConfig) else config_from_hf(config)
+    return (config if isinstance(config, DBRXConfig) else config_from_hf(config)), weights
 
-    with torch.device("meta"):
-        model = DBRX(cfg, ep_group=ep_group)
-    local = model.local_experts
-    expert_rows = slice(local.start * cfg.ffn_hidden_size, local.stop * cfg.ffn_hidden_size)
+
+def state_from_hf(weights: Weights, names: Iterable[str], cfg: DBRXConfig, experts: range,
+                  dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Our state dict for the parameters `names`, read from HF-named `weights`.
+
+    Expert tensors hold only the rows of `experts` (one expert-parallel rank's
+    share), read without loading the others. A tied model's lm_head is left
+    out: it is the embedding. `dtype` casts (default: the checkpoint's dtype).
+    """
+    names = list(names)
+    rows = slice(experts.start * cfg.ffn_hidden_size, experts.stop * cfg.ffn_hidden_size)
     state: dict[str, torch.Tensor] = {}
-    for name in model.state_dict():
+    for name in names:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
         hf_name = to_hf_key(name)
-        if hf_name not in reader:
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue                      # tied: filled from the embedding below
+        if hf_name not in weights:
             raise KeyError(f"checkpoint has no {hf_name!r} (needed for {name})")
-        tensor = reader[hf_name](expert_rows if _EXPERT_KEY.match(name) else None)
+        tensor = weights[hf_name](rows if _EXPERT_KEY.fullmatch(name) else None)
         state[name] = tensor.to(dtype) if dtype is not None else tensor
-    unused = set(reader) - {to_hf_key(n) for n in model.state_dict()}
+    unused = set(weights) - {to_hf_key(n) for n in names}
     if unused:
         raise KeyError(f"checkpoint has parameters DBRX does not: {sorted(unused)[:5]}")
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.finalize_loaded()
-    if device is not None:
-        model.to(device)
-    return model
+    return state
 
 
 # ------------------------------------------------------------------ saving
 
-def full_state_dict(model: DBRX) -> dict[str, torch.Tensor]:
-    """Our state dict with every expert; under expert parallelism a collective of the EP group."""
-    state = dict(model.state_dict())
-    if model.ep_size == 1:
-        return state
-    for name, tensor in state.items():
-        if _EXPERT_KEY.match(name):
-            parts = [torch.empty_like(tensor) for _ in range(model.ep_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=model.ep_group)
-            state[name] = torch.cat(parts)
-    return state
-
-
-def save_hf(model: DBRX, path: str, *, dtype: Optional[torch.dtype] = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + safetensors (sharded above `max_shard_bytes`) that
-    transformers' DbrxForCausalLM.from_pretrained loads.
-
-    Under expert parallelism every rank of the EP group must call this (the
-    experts are gathered); only EP rank 0 writes.
-    """
+def write_hf(path: str, state: Mapping[str, torch.Tensor], cfg: DBRXConfig, *,
+             dtype: Optional[torch.dtype] = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write our full state dict (every expert) as config.json + safetensors,
+    sharded above `max_shard_bytes`, that transformers' DbrxForCausalLM.from_pretrained loads."""
     from safetensors.torch import save_file
 
-    state = full_state_dict(model)
-    if model.ep_rank != 0:
-        return
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         t = t.detach().to("cpu", dtype=dtype) if dtype is not None else t.detach().cpu()
@@ -300,7 +287,7 @@ def save_hf(model: DBRX, path: str, *, dtype: Optional[torch.dtype] = None,
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config_to_hf(model.cfg, out_dtype), f, indent=2)
+        json.dump(config_to_hf(cfg, out_dtype), f, indent=2)
     meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, SAFE_FILE), metadata=meta)

@@ -94,6 +94,44 @@ def any_store(request: pytest.FixtureRequest, tmp_path):
     return open_store(f"s3://{bucket}/root", endpoint_url=request.getfixturevalue("s3_endpoint"))
 
 
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """`random_model(cfg, seed=0, std=0.2, cls=DBRX)`: see `make_random_model`."""
+    return make_random_model
+
+
+@pytest.fixture(scope="session")
+def random_moe():
+    """`random_moe(cfg, seed=0)`: one DroplessMoE layer, weights from Normal(0, 0.3)."""
+    from model.moe import DroplessMoE
+
+    return lambda cfg, seed=0: make_random_model(cfg, seed, std=0.3, cls=DroplessMoE)
+
+
+def make_random_model(cfg, seed: int = 0, std: float | None = 0.2, cls=None):
+    """`cls(cfg)` (default DBRX; or e.g. DroplessMoE) built under `seed`, every weight but the
+    norms redrawn from Normal(0, std); std=None keeps the module's own init.
+
+    The own init (std 0.02) leaves logits near uniform and routing near ties; weights this
+    large make clipping, routing and greedy decoding matter, so tests can tell results apart.
+    """
+    import torch
+
+    from model import DBRX
+
+    torch.manual_seed(seed)
+    module = (cls or DBRX)(cfg)
+    if std is not None:
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "norm" not in name:
+                    p.normal_(0.0, std)
+    return module
+
+
 # ----------------------------------------------------------------------------- promotion and serving
 
 
@@ -115,21 +153,21 @@ def commit_checkpoint():
 
 def commit_model_checkpoint(store, model, step: int, *, global_batch_size: int = 8, run_id: str = "",
                             loss: float = 0.0):
-    """Commit `model`'s weights as a training checkpoint of `step` (platform.train.state's
+    """Commit `model`'s weights as a training checkpoint of `step` (platform.checkpoint.trainer_state's
     layout: experts stored one tensor each, trainer.json), without DeepSpeed or optimizer state.
 
     What promotion reads from a real run (consolidated_weights, read_trainer_state), made
     in milliseconds, so promotion and serving tests need no training job.
     """
     from platform.checkpoint import save_tensors
-    from platform.train.state import TRAINER_FILE, TrainerState, _expert_key
+    from platform.checkpoint.trainer_state import TRAINER_FILE, TrainerState, expert_key
 
     experts = {id(p) for p in model.expert_parameters()}
     weights = {}
     for name, p in model.named_parameters():
         if id(p) in experts:
             for e, chunk in enumerate(p.detach().chunk(model.cfg.moe_num_experts, dim=0)):
-                weights[_expert_key(name, e)] = chunk.contiguous()
+                weights[expert_key(name, e)] = chunk.contiguous()
         else:
             weights[name] = p.detach()
     staging = store.begin(step)

@@ -16,18 +16,8 @@ CFG = DBRXConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_siz
                  moe_loss_weight=0.05, moe_z_loss_weight=0.01, moe_jitter_eps=None)
 
 
-def make(cfg: DBRXConfig = CFG, seed: int = 0) -> DBRX:
-    torch.manual_seed(seed)
-    m = DBRX(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)
-    return m
-
-
-def test_output_fields_and_loss_composition():
-    model = make()
+def test_output_fields_and_loss_composition(random_model):
+    model = random_model(CFG)
     ids = torch.randint(0, CFG.vocab_size, (3, 10))
     labels = ids.clone()
     labels[:, :4] = -100
@@ -52,12 +42,12 @@ def test_output_fields_and_loss_composition():
         model(ids, labels=labels, shift_labels=labels)
 
 
-def test_activation_checkpointing_same_loss_and_gradients():
+def test_activation_checkpointing_same_loss_and_gradients(random_model):
     ids = torch.randint(0, CFG.vocab_size, (2, 12))
     grads = []
     for ckpt in (False, True):
         cfg = DBRXConfig(**{**CFG.__dict__, "activation_checkpointing": ckpt, "moe_jitter_eps": 0.05})
-        model = make(cfg).train()
+        model = random_model(cfg).train()
         torch.manual_seed(5)                    # same jitter draws; checkpointing replays them
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -67,9 +57,9 @@ def test_activation_checkpointing_same_loss_and_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_activation_checkpointing_recomputes_blocks(monkeypatch):
+def test_activation_checkpointing_recomputes_blocks(random_model, monkeypatch):
     cfg = DBRXConfig(**{**CFG.__dict__, "activation_checkpointing": True})
-    model = make(cfg).train()
+    model = random_model(cfg).train()
     calls = []
     block = model.blocks[0]
     original = block.forward
@@ -82,8 +72,8 @@ def test_activation_checkpointing_recomputes_blocks(monkeypatch):
     assert len(calls) == 1
 
 
-def test_training_reduces_loss():
-    model = make(seed=2).train()
+def test_training_reduces_loss(random_model):
+    model = random_model(CFG, 2).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, CFG.vocab_size, (4, 16))
     losses = []
@@ -96,8 +86,8 @@ def test_training_reduces_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_padding_mask_ignores_padded_tokens_in_stats():
-    model = make().eval()
+def test_padding_mask_ignores_padded_tokens_in_stats(random_model):
+    model = random_model(CFG).eval()
     ids = torch.randint(1, CFG.vocab_size, (2, 8))
     padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(2, 3), torch.ones(2, 8)], dim=1).long()
@@ -108,17 +98,17 @@ def test_padding_mask_ignores_padded_tokens_in_stats():
     assert torch.equal(masked.expert_counts, plain.expert_counts)
 
 
-def test_tied_embeddings_share_one_tensor():
-    model = make(DBRXConfig(**{**CFG.__dict__, "tie_word_embeddings": True}))
+def test_tied_embeddings_share_one_tensor(random_model):
+    model = random_model(DBRXConfig(**{**CFG.__dict__, "tie_word_embeddings": True}))
     assert model.lm_head.weight is model.wte.weight
     model(torch.randint(0, 40, (1, 4)), labels=torch.randint(0, 40, (1, 4))).loss.backward()
     assert model.wte.weight.grad is not None
 
 
-def test_errors_name_what_to_change():
+def test_errors_name_what_to_change(random_model):
     with pytest.raises(ValueError, match="n_kv_heads"):
         DBRX(DBRXConfig(**{**CFG.__dict__, "n_kv_heads": 3}))
-    model = make()
+    model = random_model(CFG)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, CFG.max_seq_len + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):

@@ -19,14 +19,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def model() -> DBRX:
-    torch.manual_seed(0)
-    m = DBRX(CFG)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
-    return m.eval()
+def model(random_model) -> DBRX:
+    return random_model(CFG, std=0.3).eval()
 
 
 def greedy_without_cache(model: DBRX, prompt: list[int], n: int) -> list[int]:

@@ -15,30 +15,22 @@ import torch
 from model import DBRX
 from model.config import DBRXConfig
 from model.kernels import _grouped_mm_works, grouped_glu, select_backend
-from model.moe import DroplessMoE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 CPU_BACKENDS = ["loop", "grouped_mm"]
 
 
-def small_moe(seed: int = 0) -> DroplessMoE:
-    cfg = DBRXConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_size=16,
+MOE_CFG = DBRXConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_size=16,
                      moe_num_experts=8, moe_top_k=2, vocab_size=64, moe_jitter_eps=None)
-    torch.manual_seed(seed)
-    moe = DroplessMoE(cfg)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.3)
-    return moe
 
 
 @pytest.mark.parametrize("first_call", [torch.no_grad, torch.inference_mode])
-def test_grouped_mm_probe_ignores_the_callers_grad_mode(monkeypatch, first_call):
+def test_grouped_mm_probe_ignores_the_callers_grad_mode(random_moe, monkeypatch, first_call):
     """The first forward of a process under no_grad must not switch grouped_mm off for good."""
     _grouped_mm_works.cache_clear()
     monkeypatch.setenv("DBRX_MOE_KERNEL", "grouped_mm")
-    moe = small_moe()
+    moe = random_moe(MOE_CFG)
     x = torch.randn(24, 32)
     try:
         with first_call():
@@ -67,11 +59,11 @@ def test_backend_choice_is_a_function_of_device_dtype_and_shape_only():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_kernel_runs_under_autocast(monkeypatch, backend, dtype):
+def test_every_kernel_runs_under_autocast(random_moe, monkeypatch, backend, dtype):
     """fp32 weights under autocast: the experts compute in the autocast dtype, forward and
     backward, and gradients land on the fp32 parameters close to an fp32 run's."""
     monkeypatch.setenv("DBRX_MOE_KERNEL", backend)
-    moe = small_moe(seed=1)
+    moe = random_moe(MOE_CFG, seed=1)
     x = torch.randn(40, 32)
     grad = torch.randn(40, 32)
     ref_x = x.clone().requires_grad_()

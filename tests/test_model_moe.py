@@ -19,15 +19,6 @@ def moe_config(**overrides) -> DBRXConfig:
     return DBRXConfig(**{**base, **overrides})
 
 
-def random_moe(cfg: DBRXConfig, seed: int = 0) -> DroplessMoE:
-    torch.manual_seed(seed)
-    moe = DroplessMoE(cfg)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.3)
-    return moe
-
-
 def force_experts(moe: DroplessMoE, experts: list[int], margin: float = 50.0) -> None:
     """Make every token's top-k exactly `experts` (ranked in that order) whatever its input.
 
@@ -57,7 +48,7 @@ def reference_mixture(moe: DroplessMoE, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("experts", [[3, 5], [0, 1]])
-def test_all_tokens_to_the_same_experts_none_dropped(experts):
+def test_all_tokens_to_the_same_experts_none_dropped(random_moe, experts):
     cfg = moe_config()
     moe = random_moe(cfg).eval()
     force_experts(moe, experts)
@@ -67,7 +58,7 @@ def test_all_tokens_to_the_same_experts_none_dropped(experts):
     assert torch.allclose(out, reference_mixture(moe, x), atol=1e-5, rtol=1e-5)
 
 
-def test_top1_every_token_to_one_expert():
+def test_top1_every_token_to_one_expert(random_moe):
     cfg = moe_config(moe_top_k=1)
     moe = random_moe(cfg, seed=2)
     force_experts(moe, [6])
@@ -80,7 +71,7 @@ def test_top1_every_token_to_one_expert():
 
 
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
-def test_random_routing_matches_dense_reference_and_gradients(monkeypatch, backend):
+def test_random_routing_matches_dense_reference_and_gradients(random_moe, monkeypatch, backend):
     monkeypatch.setenv("DBRX_MOE_KERNEL", backend)
     cfg = moe_config(moe_top_k=3)
     moe = random_moe(cfg, seed=3)
@@ -100,7 +91,7 @@ def test_random_routing_matches_dense_reference_and_gradients(monkeypatch, backe
         assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
 
 
-def test_weights_normalised_by_p_norm():
+def test_weights_normalised_by_p_norm(random_moe):
     for p in (1.0, 2.0, None):
         moe = random_moe(moe_config(moe_top_k=4, moe_normalize_expert_weights=p))
         _, probs, weights, _ = moe.route(torch.randn(50, 32))
@@ -110,7 +101,7 @@ def test_weights_normalised_by_p_norm():
             assert torch.allclose(weights.norm(p=p, dim=-1), torch.ones(50), atol=1e-6)
 
 
-def test_stats_aux_losses_and_padding_mask():
+def test_stats_aux_losses_and_padding_mask(random_moe):
     cfg = moe_config()
     moe = random_moe(cfg, seed=4)
     x = torch.randn(4, 10, cfg.d_model)
@@ -131,7 +122,7 @@ def test_stats_aux_losses_and_padding_mask():
     assert moe.experts.w1.grad is None
 
 
-def test_router_jitter_only_in_training():
+def test_router_jitter_only_in_training(random_moe):
     cfg = moe_config(moe_jitter_eps=0.2)
     moe = random_moe(cfg)
     x = torch.randn(64, cfg.d_model)
@@ -204,7 +195,7 @@ def test_kernel_backends_agree(monkeypatch, d_model, ffn):
     assert set(BACKENDS) == {"megablocks", "grouped_mm", "loop"}
 
 
-def test_no_tokens_at_all():
+def test_no_tokens_at_all(random_moe):
     moe = random_moe(moe_config())
     x = torch.zeros(0, 32, requires_grad=True)
     out, stats = moe(x)
@@ -212,7 +203,7 @@ def test_no_tokens_at_all():
     out.sum().backward()
 
 
-def test_bf16_forward_and_backward():
+def test_bf16_forward_and_backward(random_moe):
     cfg = moe_config()
     moe = random_moe(cfg, seed=5)
     x = torch.randn(40, cfg.d_model)
@@ -226,7 +217,7 @@ def test_bf16_forward_and_backward():
     assert all(p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0 for p in moe.parameters())
 
 
-def test_deepspeed_group_name_convention():
+def test_deepspeed_group_name_convention(random_moe):
     assert expert_group_name(4) == "ep_size_4"
     # Without an expert-parallel group the experts are plain data-parallel parameters.
     moe = random_moe(moe_config())

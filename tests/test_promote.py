@@ -82,22 +82,12 @@ def job(job_file: Path, name: str, *overrides: str):
     return load_job(job_file, [f"name={name}", f"promote.registered_model={name}-model", *overrides])
 
 
-def random_model(cfg, seed: int, std: float | None = None) -> DBRX:
-    torch.manual_seed(seed)
-    model = DBRX(cfg.model)
-    if std is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" not in name:
-                    p.normal_(0.0, std)
-    return model.eval()
-
-
-def trained_model(cfg, seed: int, steps: int = 3) -> DBRX:
-    """A model that learned the corpus's word statistics for a few steps: lower held-out loss (~9.8 vs 11.5)."""
+def trained_model(cfg, model: DBRX, steps: int = 3) -> DBRX:
+    """`model` after learning the corpus's word statistics for a few steps: lower held-out loss
+    (~9.8 vs 11.5)."""
     from platform.data import TrainingData, find_prepared
 
-    model = random_model(cfg, seed).train()
+    model.train()
     data = TrainingData(cfg, find_prepared(cfg.data, cfg.model.vocab_size))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _, micro_batches in data.batches(0, 1, stop_step=steps):
@@ -125,11 +115,11 @@ def run_promote_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_latest_checkpoint_is_registered_with_lineage_protected_and_loadable(job_file, commit_checkpoint,
-                                                                              tmp_path):
+                                                                              tmp_path, random_model):
     cfg = job(job_file, "lineage")
     store = open_checkpoints(cfg)
-    commit_checkpoint(store, random_model(cfg, 1), 10)
-    newest = random_model(cfg, 2)
+    commit_checkpoint(store, random_model(cfg.model, 1, std=None), 10)
+    newest = random_model(cfg.model, 2, std=None)
     commit_checkpoint(store, newest, 20, global_batch_size=cfg.train.global_batch_size, loss=4.5)
 
     result = promote(cfg, gate=False)
@@ -166,16 +156,16 @@ def test_latest_checkpoint_is_registered_with_lineage_protected_and_loadable(job
 
     # Retention keeps the promoted checkpoint however many newer ones come.
     assert store.protected() == [20]
-    commit_checkpoint(store, random_model(cfg, 3), 30)
-    commit_checkpoint(store, random_model(cfg, 4), 40)
+    commit_checkpoint(store, random_model(cfg.model, 3, std=None), 30)
+    commit_checkpoint(store, random_model(cfg.model, 4, std=None), 40)
     assert store.retain(keep_last=1) == [10, 30]
     assert store.list_committed() == [20, 40]
 
 
-def test_promoting_the_same_checkpoint_again_reuses_its_version(job_file, commit_checkpoint):
+def test_promoting_the_same_checkpoint_again_reuses_its_version(job_file, commit_checkpoint, random_model):
     cfg = job(job_file, "idempotent")
     store = open_checkpoints(cfg)
-    commit_checkpoint(store, random_model(cfg, 1), 5)
+    commit_checkpoint(store, random_model(cfg.model, 1, std=None), 5)
     first = promote(cfg, gate=False)
     again = promote(cfg, gate=False)
     assert again.version == first.version == "1" and again.reused and not again.changed
@@ -186,13 +176,13 @@ def test_promoting_the_same_checkpoint_again_reuses_its_version(job_file, commit
     assert set(registry(cfg).get_version("idempotent-model", 1).aliases) == {"staging", "production"}
 
 
-def test_explicit_step_and_clear_errors(job_file, commit_checkpoint):
+def test_explicit_step_and_clear_errors(job_file, commit_checkpoint, random_model):
     cfg = job(job_file, "errors")
     with pytest.raises(UserError, match="no valid checkpoint to promote"):
         promote(cfg, gate=False)
     store = open_checkpoints(cfg)
-    commit_checkpoint(store, random_model(cfg, 1), 3)
-    commit_checkpoint(store, random_model(cfg, 2), 6)
+    commit_checkpoint(store, random_model(cfg.model, 1, std=None), 3)
+    commit_checkpoint(store, random_model(cfg.model, 2, std=None), 6)
     with pytest.raises(UserError, match=r"no committed checkpoint for step 4 .*committed steps: 3, 6"):
         promote(cfg, step=4, gate=False)
     assert promote(cfg, step=3, gate=False).step == 3
@@ -214,12 +204,13 @@ def test_loader_refuses_pickle_and_missing_safetensors(tmp_path):
 # ----------------------------------------------------------------------------- the gate
 
 
-def test_gate_refuses_a_worse_checkpoint_and_accepts_a_better_one(job_file, commit_checkpoint, capsys):
+def test_gate_refuses_a_worse_checkpoint_and_accepts_a_better_one(job_file, commit_checkpoint, capsys,
+                                                                   random_model):
     cfg = job(job_file, "gated")
     store = open_checkpoints(cfg)
-    commit_checkpoint(store, random_model(cfg, 1), 10)             # near-uniform predictions
-    assert promote(cfg).version == "1"                               # nothing to compare with: passes
-    commit_checkpoint(store, random_model(cfg, 2, std=1.0), 20)      # confidently wrong: worse
+    commit_checkpoint(store, random_model(cfg.model, 1, std=None), 10)   # near-uniform predictions
+    assert promote(cfg).version == "1"                                    # nothing to compare with: passes
+    commit_checkpoint(store, random_model(cfg.model, 2, std=1.0), 20)    # confidently wrong: worse
 
     code, out, err = run_promote_cli([str(job_file), "name=gated", "promote.registered_model=gated-model",
                                       "--step", "20"], capsys)
@@ -230,7 +221,7 @@ def test_gate_refuses_a_worse_checkpoint_and_accepts_a_better_one(job_file, comm
     assert len(registry(cfg).client.search_model_versions("name='gated-model'")) == 1
     assert store.protected() == [10]
 
-    commit_checkpoint(store, trained_model(cfg, 3), 30)
+    commit_checkpoint(store, trained_model(cfg, random_model(cfg.model, 3, std=None)), 30)
     better = promote(cfg, step=30)
     assert better.version == "2" and better.previous_version == "1"
     assert better.candidate_loss < better.previous_loss
@@ -246,13 +237,13 @@ def test_gate_refuses_a_worse_checkpoint_and_accepts_a_better_one(job_file, comm
     assert sorted(store.protected()) == [10, 20, 30]
 
 
-def test_gate_tolerance_accepts_a_small_regression(job_file, commit_checkpoint):
+def test_gate_tolerance_accepts_a_small_regression(job_file, commit_checkpoint, random_model):
     cfg = job(job_file, "tolerant")
     store = open_checkpoints(cfg)
-    base = random_model(cfg, 1)
+    base = random_model(cfg.model, 1, std=None)
     commit_checkpoint(store, base, 1)
     promote(cfg, gate=False)
-    worse = random_model(cfg, 1)
+    worse = random_model(cfg.model, 1, std=None)
     with torch.no_grad():
         worse.wte.weight.mul_(1.5)   # slightly more confident, slightly worse
     commit_checkpoint(store, worse, 2)
@@ -264,9 +255,9 @@ def test_gate_tolerance_accepts_a_small_regression(job_file, commit_checkpoint):
 
 
 def test_versions_on_remote_artifact_stores_are_downloaded_once(job_file, commit_checkpoint, tmp_path,
-                                                                monkeypatch):
+                                                                monkeypatch, random_model):
     cfg = job(job_file, "remote")
-    commit_checkpoint(open_checkpoints(cfg), random_model(cfg, 1), 1)
+    commit_checkpoint(open_checkpoints(cfg), random_model(cfg.model, 1, std=None), 1)
     promote(cfg, gate=False)
     reg_ = registry(cfg)
     ref = reg_.require_alias("remote-model", "staging")

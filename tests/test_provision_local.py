@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from _e2e import wait_for
 from platform.provision import (
     INSTANCE_LABEL, NODE_LABEL, LocalHead, NodesNotReady, Provisioner, procs, ray_auth_env,
 )
@@ -44,16 +45,6 @@ def _worker_logs_naming(temp_dir: str, pid: int) -> list[str]:
     """This node's Ray worker log files of process `pid`."""
     logs = os.path.join(temp_dir, "session_latest", "logs")
     return [f for f in os.listdir(logs) if f.startswith("worker-") and f.endswith(f"-{pid}.out")]
-
-
-def _until(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @pytest.fixture
@@ -164,7 +155,7 @@ def test_nodes_join_get_lost_are_replaced_and_leave_nothing_behind(local_cluster
     survivor, victim = nodes
     for pid in procs.session_members(victim.pid, _start_time(victim)):
         os.kill(pid, signal.SIGKILL)
-    _until(lambda: prov.lost_nodes() == [victim.name], 90, f"Ray to drop {victim.name}")
+    wait_for(lambda: prov.lost_nodes() == [victim.name], 90, f"Ray to drop {victim.name}")
     with pytest.raises(NodesNotReady, match=f"only 1 of 2 nodes joined.*not joined: {victim.name}"):
         prov.wait_for_nodes(2, timeout_s=1)
     t_lost = time.monotonic() - t0
@@ -198,7 +189,7 @@ def test_nodes_join_get_lost_are_replaced_and_leave_nothing_behind(local_cluster
         assert procs.session_members(pid, started) == [], f"node session {pid} left processes"
     ours = lambda: [r for r in fetch_ray_nodes(head.address)   # noqa: E731
                     if r["alive"] and r["labels"].get(NODE_LABEL, "").startswith(prov.job_name)]
-    _until(lambda: not ours(), 60, "Ray to see every node gone")
+    wait_for(lambda: not ours(), 60, "Ray to see every node gone")
     assert all(r["labels"].get(INSTANCE_LABEL) is None
                for r in fetch_ray_nodes(head.address) if r["alive"])   # only the head is left
     print(f"\nup+join {t_up:.1f}s, lost detected at {t_lost:.1f}s, replaced+joined at "

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import _dist_train
 from platform.checkpoint import load_tensors
-from platform.train.state import read_trainer_state
+from platform.checkpoint.trainer_state import read_trainer_state
 from platform.provision.head import free_local_port as _port
 
 

@@ -9,20 +9,9 @@ Layout of a job's checkpoint root:
     .trash/step_000000100-<id>/    (local roots) checkpoints being deleted
 
 Commit protocol ("complete and verified, or invisible"): a step folder counts
-only if its manifest exists, and the manifest appears only after every file
-it lists is durable and checked.
-
-* Local (or shared-filesystem) root: writers fill `.staging/<token>/`; commit
-  hashes and fsyncs every file, checks sizes, writes the manifest into the
-  staging folder, fsyncs the tree, then one `os.rename` moves it to
-  `step_N/`. The rename is the commit: a crash before it leaves only staging
-  garbage, a crash after it leaves a complete checkpoint.
-* S3 root: writers fill a local staging folder; commit uploads the files to
-  `step_N/`, lists them back to check every size, and PUTs `manifest.json`
-  last. A PUT is atomic and S3 is strongly consistent, so readers either see
-  the manifest with all its files or no manifest (and ignore the folder).
-  Content is protected in transit by botocore's upload checksums; sha256 in
-  the manifest lets any reader re-check it end to end.
+only if its manifest exists. How the manifest and its files become visible
+differs between a local root (one rename) and S3 (manifest PUT last); the
+store picks that strategy once, from its root (`platform.checkpoint.commit`).
 
 Multi-rank protocol: rank 0 calls `begin(step)` and broadcasts the staging
 `token`; every other rank calls `attach(token)` to get its own `Staging`
@@ -39,20 +28,18 @@ A job has one committer at a time (Ray Train runs one worker group).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping
 
+from platform.checkpoint.commit import Staging, check_relpath, commit_strategy, hash_and_sync, parallel
 from platform.checkpoint.errors import CheckpointCommitError, CheckpointCorruptError, CheckpointNotFoundError
 from platform.checkpoint.manifest import (
     MANIFEST_NAME,
@@ -62,37 +49,15 @@ from platform.checkpoint.manifest import (
     parse_step_dir,
     read_manifest,
     sha256_stream,
-    size_mismatches,
     step_dir,
     verify_files,
 )
-from platform.storage import LocalStore, ObjectNotFoundError, S3Store, Store, fsync_dir, open_store
+from platform.storage import LocalStore, ObjectNotFoundError, Store, open_store
 
 log = logging.getLogger(__name__)
 
 PROTECTED_DIR = ".protected"
-STAGING_DIR = ".staging"
-TRASH_DIR = ".trash"
 _TOKEN_RE = re.compile(r"step_\d{9,}-[0-9a-f]{16}")
-_IO_THREADS = 8
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-@dataclasses.dataclass(frozen=True)
-class Staging:
-    """A local folder where one checkpoint is written before it is committed."""
-
-    step: int
-    token: str  # names this attempt; broadcast it so other ranks can `attach`
-    path: Path
-
-    def file(self, relpath: str) -> Path:
-        """Where to write `relpath` ('a/b.safetensors'); parent folders are created."""
-        _check_relpath(relpath)
-        target = self.path.joinpath(*relpath.split("/"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,36 +80,6 @@ class CommittedCheckpoint:
     def local_path(self) -> Path | None:
         """The folder itself when the root is local, so loaders can read in place."""
         return self.store.root if isinstance(self.store, LocalStore) else None
-
-
-def _check_relpath(relpath: str) -> None:
-    parts = relpath.split("/")
-    if not relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in relpath:
-        raise ValueError(f"invalid checkpoint file path {relpath!r}: use a relative 'a/b' path")
-    if relpath == MANIFEST_NAME:
-        raise ValueError(f"{MANIFEST_NAME!r} is reserved for the commit marker")
-
-
-def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """fn over items on a few threads (hashing and boto3 release the GIL)."""
-    if len(items) <= 1:
-        return [fn(item) for item in items]
-    with concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
-def _hash_and_sync(path: Path, relpath: str) -> FileEntry:
-    """The manifest entry of a local file, made durable on the way."""
-    with open(path, "rb") as f:
-        size, digest = sha256_stream(f)
-        os.fsync(f.fileno())
-    return FileEntry(relpath, size, digest)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every folder under root, deepest first, so all names are durable."""
-    for dirpath, _dirs, _files in os.walk(root, topdown=False):
-        fsync_dir(dirpath)
 
 
 def _newest_mtime(path: Path) -> float:
@@ -172,14 +107,7 @@ class CheckpointStore:
         per-root folder in the temp dir); local roots always stage inside
         themselves so that the commit is a same-filesystem rename."""
         self._root = open_store(root, endpoint_url=endpoint_url) if isinstance(root, str) else root
-        self._local = isinstance(self._root, LocalStore)
-        if self._local:
-            self._staging_root = self._root.root / STAGING_DIR
-        elif staging_root is not None:
-            self._staging_root = Path(staging_root).expanduser().absolute()
-        else:
-            tag = hashlib.sha256(self._root.uri.encode()).hexdigest()[:12]
-            self._staging_root = Path(tempfile.gettempdir()) / "dbrx-checkpoint-staging" / tag
+        self._strategy = commit_strategy(self._root, staging_root)
 
     @property
     def root(self) -> Store:
@@ -197,14 +125,9 @@ class CheckpointStore:
         S3, which has no rename, the old one is withdrawn here. Protected
         steps are never replaced.
         """
-        name = step_dir(step)
-        if step in self.protected() and self._root.exists(f"{name}/{MANIFEST_NAME}"):
-            raise CheckpointCommitError(
-                f"step {step} at {self._root.uri} is protected (promoted); unprotect it before re-saving"
-            )
-        if not self._local:
-            self._withdraw_remote(step)
-        staging = self._staging(f"{name}-{uuid.uuid4().hex[:16]}")
+        self._refuse_protected(step)
+        self._strategy.withdraw(step)
+        staging = self._staging(f"{step_dir(step)}-{uuid.uuid4().hex[:16]}")
         staging.path.mkdir(parents=True)
         return staging
 
@@ -225,18 +148,14 @@ class CheckpointStore:
         """
         rels = sorted(paths) if paths is not None else LocalStore(staging.path).list()
         for rel in rels:
-            _check_relpath(rel)
-        folder = self._root.child(step_dir(staging.step))
+            check_relpath(rel)
 
         def one(rel: str) -> FileEntry:
-            local = staging.path.joinpath(*rel.split("/"))
-            entry = _hash_and_sync(local, rel)
-            if not self._local:
-                folder.upload_file(local, rel)
-                local.unlink()
+            entry = hash_and_sync(staging.path_of(rel), rel)
+            self._strategy.publish(staging, rel)
             return entry
 
-        return _parallel(one, rels)
+        return parallel(one, rels)
 
     def commit(
         self,
@@ -259,13 +178,11 @@ class CheckpointStore:
         local = [rel for rel in LocalStore(staging.path).list() if rel not in entries]
         if MANIFEST_NAME in local:
             raise CheckpointCommitError(f"{MANIFEST_NAME} is reserved; rename that file in {staging.path}")
-        hashed = _parallel(lambda rel: _hash_and_sync(staging.path.joinpath(*rel.split("/")), rel), local)
+        hashed = parallel(lambda rel: hash_and_sync(staging.path_of(rel), rel), local)
         entries.update((e.path, e) for e in hashed)
         manifest = Manifest.build(staging.step, world_size, entries.values(), metadata)
-        if self._local:
-            self._commit_local(staging, manifest)
-        else:
-            self._commit_remote(staging, manifest, local)
+        self._refuse_protected(staging.step)
+        self._strategy.commit(staging, manifest, local)
         ckpt = CommittedCheckpoint(staging.step, manifest, self._root.child(step_dir(staging.step)))
         log.info(
             "committed checkpoint step %d (%d files, %.1f MB) at %s",
@@ -276,58 +193,20 @@ class CheckpointStore:
     def abort(self, staging: Staging) -> None:
         """Drop an attempt: its local folder and, on S3, anything already pushed."""
         shutil.rmtree(staging.path, ignore_errors=True)
-        name = step_dir(staging.step)
-        if not self._local and not self._root.exists(f"{name}/{MANIFEST_NAME}"):
-            self._root.delete_prefix(name)
+        self._strategy.abort(staging)
 
     def _staging(self, token: str) -> Staging:
         step = parse_step_dir(token.rsplit("-", 1)[0])
         if step is None:
             raise ValueError(f"not a staging token: {token!r}")
-        return Staging(step, token, self._staging_root / token)
+        return Staging(step, token, self._strategy.staging_root / token)
 
-    def _commit_local(self, staging: Staging, manifest: Manifest) -> None:
-        problems = size_mismatches(LocalStore(staging.path).list_info(), manifest.files)
-        if problems:
-            raise CheckpointCommitError(f"step {manifest.step} not committed: {'; '.join(problems[:5])}")
-        root = self._root.root
-        target = root / step_dir(manifest.step)
-        if target.exists() and manifest.step in self.protected():
-            raise CheckpointCommitError(f"step {manifest.step} at {root} is protected (promoted)")
-        LocalStore(staging.path).write_bytes(MANIFEST_NAME, manifest.to_bytes())
-        _fsync_tree(staging.path)
-        trash = None
-        if target.exists():
-            # No atomic directory swap in the stdlib: the old one steps aside
-            # first, so for an instant readers fall back to the step before.
-            log.warning("replacing existing checkpoint %s", target)
-            trash = root / TRASH_DIR / staging.token
-            trash.parent.mkdir(exist_ok=True)
-            os.rename(target, trash)
-        os.rename(staging.path, target)  # the commit
-        fsync_dir(root)
-        fsync_dir(staging.path.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def _commit_remote(self, staging: Staging, manifest: Manifest, to_upload: list[str]) -> None:
-        folder = self._root.child(step_dir(manifest.step))
-        _parallel(lambda rel: folder.upload_file(staging.path.joinpath(*rel.split("/")), rel), to_upload)
-        problems = size_mismatches(folder.list_info(), manifest.files)
-        if problems:
+    def _refuse_protected(self, step: int) -> None:
+        """Protected (promoted) steps are never replaced."""
+        if self._root.exists(f"{step_dir(step)}/{MANIFEST_NAME}") and step in self.protected():
             raise CheckpointCommitError(
-                f"step {manifest.step} not committed, {folder.uri} does not match: {'; '.join(problems[:5])}"
+                f"step {step} at {self._root.uri} is protected (promoted); unprotect it before re-saving"
             )
-        folder.write_bytes(MANIFEST_NAME, manifest.to_bytes())  # the commit
-        shutil.rmtree(staging.path, ignore_errors=True)
-
-    def _withdraw_remote(self, step: int) -> None:
-        """Remove whatever S3 holds for `step`, manifest first so readers stop at once."""
-        name = step_dir(step)
-        if self._root.exists(f"{name}/{MANIFEST_NAME}"):
-            log.warning("replacing existing checkpoint %s/%s", self._root.uri, name)
-            self._root.delete(f"{name}/{MANIFEST_NAME}")
-        self._root.delete_prefix(name)
 
     # ----------------------------------------------------------------- reading
 
@@ -396,7 +275,7 @@ class CheckpointStore:
             if size != entry.size or digest != entry.sha256:
                 raise CheckpointCorruptError(ckpt.step, f"{entry.path} does not match its manifest after download")
 
-        _parallel(one, list(ckpt.manifest.files))
+        parallel(one, list(ckpt.manifest.files))
         LocalStore(dest).write_bytes(MANIFEST_NAME, ckpt.manifest.to_bytes())
         return dest
 
@@ -439,23 +318,11 @@ class CheckpointStore:
         deleted = []
         for step in committed:
             if step not in keep:
-                self._delete_step(step)
+                self._strategy.delete(step)
                 deleted.append(step)
         if deleted:
             log.info("retention deleted checkpoint steps %s at %s", deleted, self._root.uri)
         return deleted
-
-    def _delete_step(self, step: int) -> None:
-        """Delete a committed checkpoint so that no reader ever sees it half gone."""
-        name = step_dir(step)
-        if self._local:
-            trash = self._root.root / TRASH_DIR / f"{name}-{uuid.uuid4().hex[:16]}"
-            trash.parent.mkdir(exist_ok=True)
-            os.rename(self._root.root / name, trash)  # invisible at once
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            self._root.delete(f"{name}/{MANIFEST_NAME}")  # invisible at once
-            self._root.delete_prefix(name)
 
     def cleanup(self, older_than_s: float = 3600.0) -> list[str]:
         """Remove what crashed writers left behind; returns what was removed.
@@ -473,17 +340,13 @@ class CheckpointStore:
             if max((i.mtime for i in infos), default=0.0) <= cutoff:
                 self._root.delete_prefix(name)
                 removed.append(f"{self._root.uri}/{name}")
-        if self._staging_root.is_dir():
-            for entry in self._staging_root.iterdir():
+        staging_root = self._strategy.staging_root
+        if staging_root.is_dir():
+            for entry in staging_root.iterdir():
                 if entry.is_dir() and _TOKEN_RE.fullmatch(entry.name) and _newest_mtime(entry) <= cutoff:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(str(entry))
-        if self._local and (self._root.root / TRASH_DIR).is_dir():
-            for entry in (self._root.root / TRASH_DIR).iterdir():
-                shutil.rmtree(entry, ignore_errors=True)  # already invisible: always safe
-                removed.append(str(entry))
-        if isinstance(self._root, S3Store):
-            removed.extend(self._root.abort_multipart_uploads(older_than_s))
+        removed.extend(self._strategy.cleanup(older_than_s))
         if removed:
             log.info("checkpoint cleanup removed %s", removed)
         return removed
@@ -492,5 +355,4 @@ class CheckpointStore:
 __all__ = [
     "CheckpointStore",
     "CommittedCheckpoint",
-    "Staging",
 ]

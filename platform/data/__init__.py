@@ -8,22 +8,16 @@ Nothing here imports Ray or torch until it is used. The preparation functions lo
 lazily so that `python -m platform.data.prepare` runs its module exactly once.
 """
 
+from model.lazy_exports import lazy_exports
 from platform.data.cache import PreparedData
 from platform.data.errors import DataError
 from platform.data.loader import TrainingData
 from platform.data.tokenizer import DBRX_SPECIAL_TOKENS, DBRX_VOCAB_SIZE, Tokenizer, get_tokenizer
 
-_PREPARE = ("ensure_prepared", "find_prepared", "prepare_data")
+_PREPARE = {name: "platform.data.prepare" for name in ("ensure_prepared", "find_prepared", "prepare_data")}
 
 __all__ = [
     "DBRX_SPECIAL_TOKENS", "DBRX_VOCAB_SIZE", "DataError", "PreparedData", "Tokenizer", "TrainingData",
     "get_tokenizer", *_PREPARE,
 ]
-
-
-def __getattr__(name: str):
-    if name in _PREPARE:
-        from platform.data import prepare
-
-        return getattr(prepare, name)
-    raise AttributeError(f"module 'platform.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _PREPARE)

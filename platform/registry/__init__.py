@@ -10,8 +10,7 @@ Importing this package does not import torch or MLflow.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from model.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "RegistryError": "platform.registry.models",
@@ -25,11 +24,4 @@ _EXPORTS = {
     "promote": "platform.registry.promotion",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'platform.registry' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

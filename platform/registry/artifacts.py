@@ -84,22 +84,14 @@ def tokenizer_from_spec(spec: Mapping[str, Any], where: str) -> "Tokenizer":
 
 
 def model_from_state_dict(cfg: "DBRXConfig", state: Mapping[str, "torch.Tensor"]) -> "DBRX":
-    """A single-process DBRX holding `state` (no copy: tensors are assigned, not cloned).
-
-    Training checkpoints of a tied model store the embedding once (parameters
-    are deduplicated), so a missing lm_head is taken from it.
-    """
+    """A single-process DBRX in eval mode holding `state` (no copy: tensors are assigned, not cloned)."""
     import torch
 
     from model import DBRX
 
-    state = dict(state)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "wte.weight" in state:
-        state["lm_head.weight"] = state["wte.weight"]
     with torch.device("meta"):
         model = DBRX(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.finalize_loaded()
+    model.assign_state_dict(state)
     return model.eval()
 
 
@@ -141,7 +133,7 @@ def load_version(directory: str | os.PathLike, *, dtype: Optional["torch.dtype"]
     A folder without `dbrx_tokenizer.json` (e.g. a plain `to_hf` export) gets
     DBRX's tokenizer for the config's vocab size.
     """
-    from model.hf import load_hf
+    from model import DBRX
     from platform.data.tokenizer import get_tokenizer
 
     directory = Path(directory)
@@ -153,7 +145,7 @@ def load_version(directory: str | os.PathLike, *, dtype: Optional["torch.dtype"]
         else:
             vocab = json.loads((directory / CONFIG_FILE).read_text())["vocab_size"]
             tok = get_tokenizer(int(vocab))
-        model = load_hf(str(directory), dtype=dtype, device=device)
+        model = DBRX.from_hf(str(directory), dtype=dtype, device=device)
     except VersionFormatError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:

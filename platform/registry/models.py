@@ -21,18 +21,19 @@ from urllib.parse import unquote, urlsplit
 
 from platform.config.schema import TrackingConfig
 from platform.errors import UserError
+from platform.tracking.run import CODE_VERSION_TAG, JOB_TAG
 from platform.tracking.store import Store, client as make_client, display_uri, resolve, short_error
 
 log = logging.getLogger("platform.registry")
 
 # Model version tags: lineage, searchable in the MLflow UI.
 TAG_RUN_ID = "dbrx.run_id"
-TAG_JOB = "dbrx.job_name"
+TAG_JOB = JOB_TAG                    # the same keys as the training run's own tags
 TAG_STEP = "dbrx.step"
 TAG_TOKENS = "dbrx.tokens_seen"
 TAG_MIXTURE = "dbrx.data_mixture"
 TAG_DATA_KEY = "dbrx.data_cache_key"
-TAG_CODE = "dbrx.code_version"
+TAG_CODE = CODE_VERSION_TAG
 TAG_CHECKPOINT = "dbrx.checkpoint_uri"
 TAG_FORMAT = "dbrx.format"
 TAG_HELDOUT = "dbrx.heldout_loss"

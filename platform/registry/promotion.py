@@ -87,7 +87,7 @@ def promote(cfg: JobConfig, step: Optional[int] = None, alias: Optional[str] = N
     finds the candidate worse; other UserErrors name what is missing.
     """
     from platform.train.checkpointing import open_checkpoints
-    from platform.train.state import read_trainer_state
+    from platform.checkpoint.trainer_state import read_trainer_state
 
     name, alias = cfg.promote.registered_model, alias or cfg.promote.alias
     gate = cfg.promote.gate if gate is None else gate
@@ -152,7 +152,7 @@ def _pick_checkpoint(store, step: Optional[int]) -> "CommittedCheckpoint":
 
 def _candidate_model(cfg: JobConfig, folder: Path) -> "DBRX":
     from platform.registry.artifacts import model_from_state_dict
-    from platform.train.state import consolidated_weights
+    from platform.checkpoint.trainer_state import consolidated_weights
 
     try:
         weights = consolidated_weights(folder, cfg.model.moe_num_experts)

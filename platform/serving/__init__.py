@@ -8,14 +8,14 @@
 Modules: app (Serve deployment + routes), openai_schema (request/response
 bodies), chat (the ChatML template), engine (batched decoding), text
 (detokenising and stop sequences), loader (versions and the alias watcher),
-auth (API keys), errors (OpenAI-style errors), streaming (SSE), launch.
+auth (API keys), origin (what web pages may do: Host, Origin/CORS, JSON only),
+errors (OpenAI-style errors), streaming (SSE), launch.
 Importing this package does not import Ray or torch.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from model.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "Serving": "platform.serving.launch",
@@ -24,11 +24,4 @@ _EXPORTS = {
     "ModelSource": "platform.serving.loader",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'platform.serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

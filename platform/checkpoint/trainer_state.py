@@ -1,4 +1,4 @@
-"""World-size-independent training state: the platform's own checkpoint format.
+"""World-size-independent trainer state: the platform's own checkpoint format.
 
 DeepSpeed's checkpoints are tied to the data-parallel size they were written
 at, and its universal converter fails on MoE models, so elastic resume saves
@@ -21,6 +21,10 @@ every rank walks every parameter in the same order; only owners keep them.
 Cost: one all-reduce of every parameter and moment per save, and rank 0 holds
 the dense parameters' fp32 state on CPU while writing (experts are spread
 over the first `ep` ranks).
+
+The engine is duck-typed (`basic_optimizer`, `engine.optimizer`, as
+`platform.train.engine.Engine` has them) so the format depends on DeepSpeed
+and torch only, never on the training package.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from typing import Any, Iterator
 
 import torch
 
-from platform.checkpoint import load_tensors, read_tensor_index, rng_state, save_tensors, set_rng_state
-from platform.train.collectives import gather
+from platform.checkpoint.rng import rng_state, set_rng_state
+from platform.checkpoint.tensors import load_tensors, read_tensor_index, save_tensors
+from platform.collectives import gather
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 TRAINER_FILE = "trainer.json"
@@ -62,7 +67,8 @@ class TrainerState:
         return cls(**data)
 
 
-def _expert_key(name: str, expert: int) -> str:
+def expert_key(name: str, expert: int) -> str:
+    """The key of expert `expert`'s rows of the stacked expert parameter `name`."""
     return f"{name}.expert{expert:04d}"
 
 
@@ -90,7 +96,7 @@ def _full_moment(p: torch.nn.Parameter, key: str, optimizer: torch.optim.Optimiz
 
 def _split_experts(name: str, value: torch.Tensor, local_experts: range) -> dict[str, torch.Tensor]:
     chunks = value.chunk(len(local_experts), dim=0)
-    return {_expert_key(name, e): c.contiguous() for e, c in zip(local_experts, chunks)}
+    return {expert_key(name, e): c.contiguous() for e, c in zip(local_experts, chunks)}
 
 
 def _adam_step(optimizer: torch.optim.Optimizer) -> int:
@@ -207,7 +213,7 @@ def load_state(directory: Path, engine, model, *, rank: int, world_size: int) ->
         for name, p, is_expert in _params(model):
             names = [name, *(f"{name}::{k}" for k in MOMENTS)]
             if is_expert:
-                parts = [_load(directory, index, [_expert_key(n, e) for e in local_experts])
+                parts = [_load(directory, index, [expert_key(n, e) for e in local_experts])
                          for n in names]
                 value, *moms = [torch.cat(chunks, dim=0) for chunks in parts]
             else:

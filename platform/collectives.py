@@ -1,4 +1,7 @@
-"""Small collectives over the training world that degrade to no-ops in one process."""
+"""Small collectives over the training world that degrade to no-ops in one process.
+
+Shared by training and the checkpoint format (which gathers every rank's share of the state).
+"""
 
 from __future__ import annotations
 
