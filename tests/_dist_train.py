@@ -41,17 +41,15 @@ def run(rank: int, world: int, port: int, zero_stage: int, load_from: str, save_
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from model import DBRX
+    from platform.checkpoint.trainer_state import load_state, save_state
     from platform.layout import layout_for
-    from platform.train.engine import build_job_engine, expert_parallel_group, lr_at
-    from platform.train.loop import train_step
-    from platform.train.state import load_state, save_state
-    from platform.train.worker import _seed_model_init
+    from platform.train.engine import build_job_engine, lr_at
+    from platform.train.step import train_step
+    from platform.train.worker import build_model
 
     cfg = tiny_job(zero_stage)
     layout = layout_for(cfg, world)
-    model = DBRX(cfg.model, ep_group=expert_parallel_group(layout.expert_parallel))
-    _seed_model_init(cfg, model, layout)
+    model = build_model(cfg, layout, torch.device("cpu"))
     eng = build_job_engine(cfg, layout, model)
     start = 0
     if load_from:
@@ -61,7 +59,7 @@ def run(rank: int, world: int, port: int, zero_stage: int, load_from: str, save_
     for step in range(start, start + steps):
         mine = global_batch(step)[rank * per:(rank + 1) * per]
         eng.set_lr(lr_at(cfg, step, 100))
-        stats = train_step(eng, list(mine.split(MICRO)), cfg, torch.device("cpu"))
+        stats = train_step(eng.engine, list(mine.split(MICRO)), torch.device("cpu"))
         losses.append(stats.loss)
     if save_to:
         Path(save_to).mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import pytest
 from platform.config import JobConfig, TrackingConfig
 from platform.config.schema import CheckpointConfig, ClusterConfig, DataConfig, DataSource, ServeConfig
 from platform.tracking import (
-    ExpertLoadHistory, MetricsLogger, TrackingError, expert_load_heatmap, figure_png, finish_run,
-    max_load_ratio, resolve, run_url, start_or_resume_run,
+    ExpertLoadHistory, MetricsLogger, TrackingError, expert_load_heatmap, expert_load_summary, figure_png,
+    finish_run, max_load_ratio, resolve, run_url, start_or_resume_run,
 )
 from platform.tracking.run import JOB_TAG, SUPERSEDED_TAG
 
@@ -24,27 +26,17 @@ SECRET = "sk-live-0123456789abcdef"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory):
-    """A migrated, empty MLflow database: creating one takes seconds, copying it does not."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-def make_cfg(tmp_path: Path, empty_store: Path, name: str = "tiny-job", **groups) -> JobConfig:
+def make_cfg(tmp_path: Path, empty_mlflow_db: Path, name: str = "tiny-job", **groups) -> JobConfig:
     db = tmp_path / "mlflow.db"
     if not db.exists():
-        shutil.copy(empty_store, db)
+        shutil.copy(empty_mlflow_db, db)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{db}", artifact_location=str(tmp_path / "artifacts"))
     return JobConfig(name=name, tracking=tracking, serve=ServeConfig(api_key=SECRET), **groups)
 
 
 @pytest.fixture
-def cfg(tmp_path, empty_store):
-    return make_cfg(tmp_path, empty_store)
+def cfg(tmp_path, empty_mlflow_db):
+    return make_cfg(tmp_path, empty_mlflow_db)
 
 
 def mlflow_client(cfg):
@@ -92,10 +84,10 @@ def test_restart_resumes_the_same_run_until_it_is_finished(cfg):
     assert fresh not in (run_id, other)
 
 
-def test_training_from_scratch_gets_a_new_run_and_retires_the_old(tmp_path, empty_store):
-    resuming = make_cfg(tmp_path, empty_store)
+def test_training_from_scratch_gets_a_new_run_and_retires_the_old(tmp_path, empty_mlflow_db):
+    resuming = make_cfg(tmp_path, empty_mlflow_db)
     old = start_or_resume_run(resuming)
-    scratch = make_cfg(tmp_path, empty_store, checkpoint=CheckpointConfig(resume=False))
+    scratch = make_cfg(tmp_path, empty_mlflow_db, checkpoint=CheckpointConfig(resume=False))
     new = start_or_resume_run(scratch)
     assert new != old
     old_run = mlflow_client(scratch).get_run(old)
@@ -128,10 +120,10 @@ def test_params_and_artifacts_hold_the_config_but_never_a_secret(cfg, tmp_path):
     assert SECRET not in everything
 
 
-def test_list_params_are_indexed_and_long_values_cut_to_mlflow_limit(tmp_path, empty_store):
+def test_list_params_are_indexed_and_long_values_cut_to_mlflow_limit(tmp_path, empty_mlflow_db):
     sources = [DataSource(name="code", path="/data/code", exclude=[f"dir{i}/**" for i in range(900)]),
                DataSource(name="prose", path=f"/data/prose?token={SECRET}")]
-    cfg = make_cfg(tmp_path, empty_store, data=DataConfig(sources=sources),
+    cfg = make_cfg(tmp_path, empty_mlflow_db, data=DataConfig(sources=sources),
                    cluster=ClusterConfig(tags={"cost center!": "ml"}))
     run_id = start_or_resume_run(cfg)
     params = mlflow_client(cfg).get_run(run_id).data.params
@@ -288,6 +280,21 @@ def test_logger_calls_never_raise(cfg, tmp_path, caplog):
     assert "missing.bin" in messages and "log_metrics failed" in messages and "closed" in messages
 
 
+def test_a_deleted_run_stops_tracking_but_never_training(cfg, caplog):
+    run_id = start_or_resume_run(cfg)
+    mlflow_client(cfg).delete_run(run_id)
+    tracker = MetricsLogger(cfg, run_id, interval_s=0.1)
+    tracker.event("restart", step=1)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush(30)
+    stats = tracker.stats()
+    assert stats["disabled"] and stats["rejected"] >= 1 and stats["sent_metrics"] == 0
+    tracker.log_metrics({"loss": 2.0}, 2)                 # ignored, not raised
+    assert tracker.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is deleted or missing" in m and run_id in m for m in messages) == 1
+
+
 def test_buffer_stays_bounded_while_mlflow_is_down(caplog):
     port = dead_port()
     cfg = JobConfig(name="j", tracking=TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}",
@@ -377,16 +384,141 @@ def test_expert_load_history_keeps_bounded_memory_and_the_shape_of_the_run():
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(restored.arrays(), history.arrays()))
 
 
-def test_expert_load_is_logged_as_a_png_artifact_and_a_metric(cfg, tmp_path):
+def test_expert_load_is_logged_as_a_heatmap_a_table_and_a_metric(cfg, tmp_path):
+    import pandas as pd
+
     run_id = start_or_resume_run(cfg)
     tracker = MetricsLogger(cfg, run_id, interval_s=0.1)
-    history = {step: loads for step, loads in enumerate(_loads(50, 3, 8, collapse_layer=0))}
+    loads = _loads(50, 3, 8, collapse_layer=0)
+    loads[7, 2] = 0.0                                     # a layer that routed no tokens at step 7
+    history = ExpertLoadHistory()
+    for step, row in enumerate(loads):
+        history.add(step, row)
     started = time.perf_counter()
     tracker.log_expert_load(history, step=49)
     assert time.perf_counter() - started < 0.05           # drawn in the background
     assert tracker.close(60)
     client = mlflow_client(cfg)
-    assert [f.path for f in client.list_artifacts(run_id, "expert_load")] == ["expert_load/step_00000049.png"]
+    assert sorted(f.path for f in client.list_artifacts(run_id, "expert_load")) == [
+        "expert_load/step_00000049.parquet", "expert_load/step_00000049.png"]
     png = Path(client.download_artifacts(run_id, "expert_load/step_00000049.png", str(tmp_path))).read_bytes()
     assert _png_size(png) == (1300, 220)
     assert client.get_run(run_id).data.metrics["expert_load.max_ratio"] == pytest.approx(8 / 1.014, rel=0.01)
+
+    table = pd.read_parquet(client.download_artifacts(run_id, "expert_load/step_00000049.parquet",
+                                                      str(tmp_path)))
+    assert list(table.columns) == ["step", "layer", "expert", "fraction"] and len(table) == 50 * 3 * 8
+    matrix = table.pivot_table(index="step", columns=["layer", "expert"], values="fraction", dropna=False)
+    expected = loads / loads.sum(-1, keepdims=True).clip(min=1e-12)
+    expected[7, 2] = np.nan
+    assert np.allclose(matrix.to_numpy().reshape(50, 3, 8), expected, equal_nan=True)
+
+
+def test_expert_load_summary_is_two_numbers_per_layer_that_show_collapse():
+    experts = 16
+    balanced = np.full(experts, 1 / experts)
+    collapsed = np.eye(experts)[3] * 4096                 # token counts: all on expert 3
+    summary = expert_load_summary([balanced, collapsed, np.zeros(experts)])
+    assert summary == pytest.approx({
+        "expert_load/layer00/max_over_uniform": 1.0, "expert_load/layer00/cv": 0.0,
+        "expert_load/layer01/max_over_uniform": 16.0, "expert_load/layer01/cv": np.sqrt(15),
+    })                                                    # layer 2 routed no tokens: left out
+
+
+# --- monitoring at DBRX scale: what a local-tiny run puts in MLflow ------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_experiment_is_tagged_for_mlflow_training_view_when_created_or_used(cfg):
+    client = mlflow_client(cfg)
+    run_id = start_or_resume_run(cfg)
+    created = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    existing = client.create_experiment("made-elsewhere")          # untagged: MLflow's UI guesses GenAI
+    start_or_resume_run(dataclasses.replace(
+        cfg, tracking=dataclasses.replace(cfg.tracking, experiment="made-elsewhere")))
+    assert client.get_experiment(existing).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_local_tiny_run_logs_a_bounded_set_of_metric_keys(tmp_path, empty_mlflow_db):
+    """Acceptance of issue 17: at most 2 x layers + 30 metric keys, per-expert detail in artifacts.
+    Driven through the training worker's own sink (platform.train.metrics), as rank 0 logs."""
+    import pandas as pd
+    import torch
+
+    from platform.config import load_job
+    from platform.layout import layout_for
+    from platform.tracking import STEP_TIME_KEYS, TIME_FWD_BWD
+    from platform.train.metrics import MetricsSink
+    from platform.train.step import StepStats
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_mlflow_db, db)
+    cfg = load_job(ROOT / "conf" / "local_tiny.yaml", [
+        f"tracking.tracking_uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'artifacts'}",
+        "train.log_every_steps=1", "checkpoint.every_steps=6"])
+    layers, experts = cfg.model.n_layers, cfg.model.moe_num_experts
+    run_id = start_or_resume_run(cfg)
+    sink = MetricsSink(cfg, 12, MetricsLogger(cfg, run_id, interval_s=0.1))
+    sink.started(None, layout_for(cfg, 2), 0)
+    loads = _loads(12, layers, experts, collapse_layer=1)
+    for step in range(1, 13):
+        counts = torch.as_tensor(loads[step - 1] * 1000).round().long()
+        stats = StepStats(loss=9.0, lm_loss=8.9, lb_loss=0.05, z_loss=0.01, grad_norm=1.0,
+                          expert_counts=counts, fwd_bwd_s=0.8, optimizer_s=0.1)
+        sink.step(step, stats, lr=3e-4, tokens_per_s=900.0, mfu=0.01, data_wait_s=0.01,
+                  mixture={s.name: 8 for s in cfg.data.sources})
+        if step % 6 == 0:                                 # eval and checkpoint
+            sink.evaluated(step, 9.1)
+            sink.checkpointed(step, 0.3, preempted=True)
+    sink.close()
+
+    client = mlflow_client(cfg)
+    run = client.get_run(run_id)
+    keys = set(run.data.metrics)
+    assert len(keys) <= 2 * layers + 30, sorted(keys)
+    assert not [k for k in keys if k.startswith("expert_load/") and k.split("/")[-1].startswith("e")]
+    assert set(STEP_TIME_KEYS) <= keys                    # the step-time breakdown, keys unchanged
+    assert [m.value for m in client.get_metric_history(run_id, TIME_FWD_BWD)] == [0.8] * 12
+    busiest = client.get_metric_history(run_id, "expert_load/layer01/max_over_uniform")
+    assert [m.step for m in busiest] == list(range(1, 13)) and busiest[-1].value > 15
+
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tables = [f.path for f in client.list_artifacts(run_id, "expert_load") if f.path.endswith(".parquet")]
+    assert tables == ["expert_load/step_00000006.parquet", "expert_load/step_00000012.parquet"]
+    table = pd.read_parquet(client.download_artifacts(run_id, tables[-1], str(tmp_path / "dl")))
+    assert len(table) == 12 * layers * experts
+    assert table.query("step == 12 and layer == 1 and expert == 3").fraction.item() > 0.9
+
+
+# --- MLflow system metrics ---------------------------------------------------------------
+
+def test_system_metrics_start_only_on_gpu_and_go_on_without_pynvml(cfg, monkeypatch, caplog):
+    from platform.tracking import start_system_metrics
+
+    run_id = start_or_resume_run(cfg)
+    assert start_system_metrics(cfg, run_id, on_gpu=False) is None
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)      # nvidia-ml-py not installed
+    monitor = start_system_metrics(cfg, run_id, on_gpu=True, interval_s=0.2)
+    assert monitor is not None
+    time.sleep(1.0)
+    monitor.finish()
+    assert any("nvidia-ml-py" in r.getMessage() for r in caplog.records)
+    keys = set(mlflow_client(cfg).get_run(run_id).data.metrics)
+    assert "system/cpu_utilization_percentage" in keys
+    assert not [k for k in keys if k.startswith("system/gpu")]
+
+
+def test_system_metrics_without_psutil_are_a_warning_not_a_crash(cfg, monkeypatch, caplog):
+    from platform.tracking import start_system_metrics
+
+    run_id = start_or_resume_run(cfg)
+    monkeypatch.setitem(sys.modules, "psutil", None)      # MLflow's CPU monitor needs it
+    for name in [m for m in sys.modules if m.startswith("mlflow.system_metrics")]:
+        monkeypatch.delitem(sys.modules, name)            # imported afresh, without psutil
+    assert start_system_metrics(cfg, run_id, on_gpu=True) is None
+    assert any("system metrics are off" in r.getMessage() for r in caplog.records)

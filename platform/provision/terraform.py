@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import socket
@@ -39,6 +38,7 @@ from platform.provision.errors import (
     CAPACITY, LOCKED, TIMEOUT, TRANSIENT, CapacityError, LockError, ProvisionError,
     classify,
 )
+from platform.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ class RetryPolicy:
         return {TRANSIENT: self.transient_attempts, CAPACITY: self.capacity_attempts}.get(kind, 1)
 
     def delay(self, attempt: int) -> float:
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        return base * random.uniform(0.5, 1.0)
+        return Backoff(self.backoff_s, self.max_backoff_s).delay(attempt)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import os
-import random
 import re
 import shlex
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, TypeVar
 
 from platform.config import JobConfig, flatten, to_dict
 from platform.errors import UserError
+from platform.retry import Backoff
 from platform.tracking.redact import Redactor
 from platform.tracking.store import (
     Store, client as make_client, display_uri, is_transient, resolve, short_error,
@@ -36,6 +36,10 @@ JOB_TAG = "dbrx.job_name"
 CODE_VERSION_TAG = "dbrx.code_version"
 CONFIG_CHANGED_TAG = "dbrx.config_changed"
 SUPERSEDED_TAG = "dbrx.superseded_by"
+# MLflow 3's UI opens an experiment of this kind in its model-training view (charts of
+# metrics), not in the GenAI view it guesses for untagged ones (traces, "Evaluations").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 FINISHED = "FINISHED"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
@@ -124,7 +128,7 @@ def code_version() -> str:
 def _retrying(store: Store, what: str, fn: Callable[[], T], timeout_s: float) -> T:
     """`fn()`, retried on transient failures until `timeout_s`; then one clear error."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.5
+    backoff = Backoff(0.5, 5.0)
     while True:
         try:
             return fn()
@@ -134,22 +138,24 @@ def _retrying(store: Store, what: str, fn: Callable[[], T], timeout_s: float) ->
             where = display_uri(store.tracking_uri)
             if not is_transient(exc):
                 raise TrackingError(f"MLflow at {where} refused to {what}: {short_error(exc)}") from exc
+            delay = backoff.failed()
             if time.monotonic() + delay > deadline:
                 raise TrackingError(
                     f"MLflow at {where} is unreachable (tried for {timeout_s:.0f} s to {what}): "
                     f"{short_error(exc)}. Start the tracking server, or set "
                     f"tracking.tracking_uri to one that is running.") from exc
-            time.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 5.0)
+            time.sleep(delay)
 
 
 def _experiment_id(mlflow_client, store: Store, name: str) -> str:
+    """The experiment `name`, created if missing, tagged as a model-training experiment."""
     from mlflow.exceptions import MlflowException
 
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return mlflow_client.create_experiment(name, artifact_location=store.artifact_location)
+            return mlflow_client.create_experiment(name, artifact_location=store.artifact_location,
+                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -160,6 +166,8 @@ def _experiment_id(mlflow_client, store: Store, name: str) -> str:
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
             f"--experiment-id {exp.experiment_id}) or set tracking.experiment to another name")
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 

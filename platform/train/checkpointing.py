@@ -1,11 +1,11 @@
 """Save and resume a training run through the job's CheckpointStore, from all ranks.
 
 Rank 0 begins a staging attempt and broadcasts its token; every rank writes
-its share of the state into it (platform.train.state); rank 0 commits after a
-barrier, so a checkpoint is either committed with all ranks' files or not
-visible at all. Resume: rank 0 finds the newest checkpoint that verifies
-(falling back past corrupt or incomplete ones, and saying which), every rank
-reads it.
+its share of the state into it (platform.checkpoint.trainer_state); rank 0
+commits after a barrier, so a checkpoint is either committed with all ranks'
+files or not visible at all. Resume: rank 0 finds the newest checkpoint that
+verifies (falling back past corrupt or incomplete ones, and saying which),
+every rank reads it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from platform.checkpoint import CheckpointStore
+from platform.checkpoint.trainer_state import TrainerState, load_state, save_state
+from platform.collectives import barrier, broadcast, gather
 from platform.config.schema import JobConfig
-from platform.train.collectives import barrier, broadcast, gather
-from platform.train.state import TrainerState, load_state, save_state
 
 log = logging.getLogger("platform.train")
 

@@ -8,25 +8,23 @@ restart continues the same run rather than starting a new one.
 
 from __future__ import annotations
 
-import logging
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
+from platform.collectives import any_rank
 from platform.config.schema import JobConfig
 from platform.layout import Layout, layout_for
-from platform.train import checkpointing
-from platform.train.collectives import any_rank
-from platform.train.engine import build_job_engine, expert_parallel_group, lr_at
 from platform.plan import effective_precision
-from platform.train.loop import (
-    PreemptionWatch, evaluate, measured_peak_flops, train_step,
-)
-
-log = logging.getLogger("platform.train")
+from platform.train import checkpointing
+from platform.train.engine import build_job_engine, expert_parallel_group, lr_at
+from platform.train.metrics import MetricsSink
+from platform.train.policy import CheckpointPolicy, EvalPolicy, PreemptionWatch
+from platform.train.step import evaluate, train_step
+from platform.train.throughput import Throughput
 
 
 @dataclass(frozen=True)
@@ -39,17 +37,6 @@ class WorkerArgs:
     total_steps: int
     progress_actor: Optional[str] = None   # named Ray actor that receives progress
     stop_after_step: Optional[int] = None  # tests: exit cleanly after this step
-
-
-def _progress(name: Optional[str]):
-    if not name:
-        return None
-    import ray
-
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None
 
 
 def _device() -> torch.device:
@@ -67,8 +54,8 @@ def _layout(cfg: JobConfig, world_size: int) -> Layout:
     return layout
 
 
-def _seed_model_init(cfg: JobConfig, model, layout: Layout) -> None:
-    """Initialise weights the same way whatever the expert-parallel degree.
+def _init_weights(cfg: JobConfig, model) -> None:
+    """Initialise every weight once, the same way whatever the expert-parallel degree.
 
     Each expert's weights come from a generator seeded by (seed, layer, expert),
     dense weights from one seeded generator, so a run started at 1 or 2
@@ -92,7 +79,32 @@ def _seed_model_init(cfg: JobConfig, model, layout: Layout) -> None:
                 p.fill_(1.0)
 
 
+def build_model(cfg: JobConfig, layout: Layout, device: torch.device):
+    """The DBRX of this worker's experts, built without memory on the meta device and
+    materialised once on `device` with the seeded initialisation (no throw-away init)."""
+    from model import DBRX
+
+    with torch.device("meta"):
+        model = DBRX(cfg.model, ep_group=expert_parallel_group(layout.expert_parallel))
+    model.materialize(device)
+    _init_weights(cfg, model)
+    return model
+
+
+def _timed(batches: Iterable):
+    """(seconds spent waiting for it, item) for each item of `batches`."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, item
+
+
 def train_worker(args: WorkerArgs) -> None:
+    """Set up, resume, train to the last step (or a stop), checkpointing as the policy says."""
     import warnings
 
     import ray.train
@@ -101,9 +113,7 @@ def train_worker(args: WorkerArgs) -> None:
     # deprecated; the warning says nothing a user can act on and repeats per worker.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
                             category=FutureWarning)
-
     from platform.data.loader import TrainingData
-    from model import DBRX
 
     cfg = args.cfg
     ctx = ray.train.get_context()
@@ -112,101 +122,56 @@ def train_worker(args: WorkerArgs) -> None:
     device = _device()
     torch.set_num_threads(max(1, cfg.cluster.cpus_per_worker))
 
-    # Router jitter draws from the global generator: seed it per rank; a resume
-    # at the same world size then restores the exact saved generator state.
+    model = build_model(cfg, layout, device)
+    # Router jitter draws from the global generator: seed it per rank; a resume at the
+    # same world size then restores the exact saved generator state.
     torch.manual_seed(zlib.crc32(f"{cfg.train.seed}/rank{rank}".encode()))
-    ep_group = expert_parallel_group(layout.expert_parallel)
-    model = DBRX(cfg.model, ep_group=ep_group)
-    _seed_model_init(cfg, model, layout)
-    eng = build_job_engine(cfg, layout, model.to(device), bf16=effective_precision(cfg) == "bf16")
+    eng = build_job_engine(cfg, layout, model, bf16=effective_precision(cfg) == "bf16")
     _report_kernel(cfg, model, rank, device)
     store = checkpointing.open_checkpoints(cfg)
-    logger = _logger(cfg, args.run_id) if rank == 0 else None
-    progress = _progress(args.progress_actor) if rank == 0 else None
-
-    resumed = checkpointing.resume(store, eng, model, rank=rank, world_size=world)
-    step = resumed.step if resumed else 0
-    if logger is not None:
-        _log_start(logger, resumed, layout, step)
-    eval_loss = resumed.state.extra.get("eval_loss") if resumed else None
-    if progress is not None and resumed is not None:
-        # The board hears of trained steps: until one is (or if none is, the job stopped
-        # right after resuming) the bar and the job's last line would say step 0.
-        progress.update.remote(step, args.total_steps, resumed.state.extra.get("loss"), None, world)
-        if eval_loss is not None:
-            progress.report_eval.remote(eval_loss)
     data = TrainingData(cfg, args.data_path)
+    rates = Throughput.for_job(cfg, world, device)
+    checkpoint_policy = CheckpointPolicy(cfg.checkpoint.every_steps, args.total_steps)
+    eval_policy = EvalPolicy(cfg.train.eval_every_steps, args.total_steps)
+    metrics = MetricsSink.for_rank(rank, cfg, args.total_steps, args.run_id, args.progress_actor)
     preempt = PreemptionWatch()
-    peak = (cfg.cluster.peak_tflops_per_device * 1e12 if device.type == "cuda"
-            and cfg.cluster.peak_tflops_per_device else measured_peak_flops())
-    from model.counting import training_flops_per_token
-
-    flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    history = None
-    if logger is not None:
-        from platform.tracking.plots import ExpertLoadHistory
-
-        history = ExpertLoadHistory()
-    every = cfg.checkpoint.every_steps
-    t_last = time.perf_counter()
-    for step, micro_batches in data.batches(rank, world, start_sequences=step * cfg.train.global_batch_size,
-                                            stop_step=args.total_steps):
-        lr = lr_at(cfg, step, args.total_steps)
-        eng.set_lr(lr)
-        stats = train_step(eng, micro_batches, cfg, device)
-        done = step + 1
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        tok_s = tokens_per_step / dt
-        mfu = tok_s * flops_per_token / (world * peak)
-        if logger is not None:
-            fractions = (stats.expert_counts.double()
-                         / stats.expert_counts.sum(-1, keepdim=True).clamp(min=1)).numpy()
-            history.add(done, fractions)
-            if done % cfg.train.log_every_steps == 0 or done == args.total_steps:
-                metrics = {"loss": stats.loss, "lm_loss": stats.lm_loss, "lb_loss": stats.lb_loss,
-                           "z_loss": stats.z_loss, "lr": lr, "grad_norm": stats.grad_norm,
-                           "tokens_per_s": tok_s, "mfu": mfu, "world_size": world,
-                           "expert_parallel": layout.expert_parallel,
-                           "tokens_seen": done * tokens_per_step}
-                for layer, row in enumerate(fractions):
-                    for e, f in enumerate(row):
-                        metrics[f"expert_load/layer{layer:02d}/e{e:02d}"] = float(f)
-                for name, n in data.mixture_at(step).items():
-                    metrics[f"mixture/{name}"] = n / cfg.train.global_batch_size
-                logger.log_metrics(metrics, step=done)
-        if progress is not None:
-            progress.update.remote(done, args.total_steps, stats.loss, tok_s, world)
-        eval_now = done % cfg.train.eval_every_steps == 0 or done == args.total_steps
-        if eval_now:
-            measured = evaluate(eng, data, cfg, rank, world, device)
-            if measured is not None:
-                eval_loss = measured
-                if logger is not None:
-                    logger.log_metrics({"eval_loss": eval_loss}, step=done)
-                if progress is not None:
-                    progress.report_eval.remote(eval_loss)
-        preempted = any_rank(preempt.pending())
-        if done % every == 0 or preempted or done == args.total_steps:
-            seconds = checkpointing.save(
-                store, eng, model, rank=rank, world_size=world, step=done,
-                consumed_sequences=done * cfg.train.global_batch_size,
-                extra={"run_id": args.run_id or "", "loss": stats.loss, "eval_loss": eval_loss,
-                       "data_cache_key": data.cache_key}, keep_last=cfg.checkpoint.keep_last)
-            t_last = time.perf_counter()  # keep checkpoint time out of throughput
-            if logger is not None:
-                logger.log_metrics({"checkpoint_save_s": seconds}, step=done)
-                logger.log_expert_load(history, step=done)
+    try:
+        resumed = checkpointing.resume(store, eng, model, rank=rank, world_size=world)
+        start = resumed.step if resumed else 0
+        eval_loss = resumed.state.extra.get("eval_loss") if resumed else None
+        metrics.started(resumed, layout, start)
+        step_began = time.perf_counter()
+        batches = data.batches(rank, world, start_sequences=start * cfg.train.global_batch_size,
+                               stop_step=args.total_steps)
+        for data_wait, (step, micro_batches) in _timed(batches):
+            lr = lr_at(cfg, step, args.total_steps)
+            eng.set_lr(lr)
+            stats = train_step(eng.engine, micro_batches, device)
+            done = step + 1
+            tokens_per_s, mfu = rates.rates(time.perf_counter() - step_began)
+            metrics.step(done, stats, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
+                         data_wait_s=data_wait, mixture=data.mixture_at(step))
+            if eval_policy.should_evaluate(done):
+                measured = evaluate(eng.engine, data.eval_batches(rank, world), device)
+                if measured is not None:
+                    eval_loss = measured
+                    metrics.evaluated(done, eval_loss)
+            preempted = any_rank(preempt.pending())
+            if checkpoint_policy.should_checkpoint(done, preempted):
+                seconds = checkpointing.save(
+                    store, eng, model, rank=rank, world_size=world, step=done,
+                    consumed_sequences=done * cfg.train.global_batch_size,
+                    extra={"run_id": args.run_id or "", "loss": stats.loss, "eval_loss": eval_loss,
+                           "data_cache_key": data.cache_key}, keep_last=cfg.checkpoint.keep_last)
+                metrics.checkpointed(done, seconds, preempted)
                 if preempted:
-                    logger.event("preemption_checkpoint", step=done)
-            if preempted:
-                preempt.handled()
-        if args.stop_after_step is not None and done >= args.stop_after_step:
-            break
-    preempt.close()
-    if logger is not None:
-        logger.close()
+                    preempt.handled()
+            step_began = time.perf_counter()   # evaluation and checkpoints stay out of throughput
+            if args.stop_after_step is not None and done >= args.stop_after_step:
+                break
+    finally:
+        preempt.close()
+        metrics.close()
 
 
 def _report_kernel(cfg: JobConfig, model, rank: int, device: torch.device) -> None:
@@ -217,28 +182,3 @@ def _report_kernel(cfg: JobConfig, model, rank: int, device: torch.device) -> No
     backend = select_backend(device, dtype, cfg.model.d_model, cfg.model.ffn_hidden_size)
     print(f"[rank {rank}] MoE expert kernel: {backend} ({device.type}, "
           f"{str(dtype).removeprefix('torch.')})", flush=True)
-
-
-def _logger(cfg: JobConfig, run_id: Optional[str]):
-    if not run_id:
-        return None
-    from platform.tracking import MetricsLogger
-
-    return MetricsLogger(cfg, run_id)
-
-
-def _log_start(logger, resumed, layout: Layout, step: int) -> None:
-    logger.log_metrics({"world_size": layout.world_size, "expert_parallel": layout.expert_parallel},
-                       step=step)
-    if resumed is None:
-        return
-    logger.log_metrics({"checkpoint_load_s": resumed.seconds, "resumed_step": resumed.step},
-                       step=step)
-    if resumed.state.world_size != layout.world_size:
-        logger.event("world_size_change", step=step, previous=resumed.state.world_size,
-                     current=layout.world_size, expert_parallel=layout.expert_parallel)
-    for bad_step, reason in resumed.skipped:
-        logger.event("checkpoint_fallback", step=step, skipped_step=bad_step, reason=reason,
-                     used_step=resumed.step)
-        log.warning("checkpoint step %d skipped (%s); resumed from step %d",
-                    bad_step, reason, resumed.step)
