@@ -1,1 +1,1 @@
-"""The job controller: provision, train, reconcile nodes, tear down."""
+"""The job controller: plan, provision, train, promote, release, serve (platform.controller.state)."""
