@@ -2,9 +2,10 @@
 
 Starts the OpenAI-compatible endpoint (platform.serving) for the job's
 registered model on serve.host:serve.port (127.0.0.1 unless configured),
-prints its base URL and serves until Ctrl-C. With an alias (the default is
-serve.model_alias) replicas follow it: promoting a new version switches the
-endpoint over without failing requests.
+prints its base URL and serves until Ctrl-C or SIGTERM, which stop it the
+same way: in-flight requests finish, then every process it started ends. With
+an alias (the default is serve.model_alias) replicas follow it: promoting a
+new version switches the endpoint over without failing requests.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 from platform.errors import ArgumentParser, run_cli
 
@@ -32,32 +32,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    import ray
-
+    # Ray is imported by start_serving, not here: a local instance's network setting is read then.
     from platform.config import load_job
-    from platform.serving import start_serving, stop_serving
+    from platform.serving import start_serving
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_job(args.config, args.overrides)
-    owns_ray = not ray.is_initialized()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM stops like Ctrl-C
+    serving = None
     try:
         serving = start_serving(cfg, alias=args.alias, version=args.version, checkpoint=args.checkpoint)
         key = " (Authorization: Bearer $DBRX_SERVE_API_KEY)" if cfg.serve.api_key else ""
         print(f"serving {serving.source.describe()} as model {serving.model!r}\n"
               f"OpenAI base URL: {serving.base_url}{key}\nCtrl-C to stop", flush=True)
-        while not stop.wait(1.0):
-            pass
+        while True:
+            signal.pause()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a repeated SIGTERM must not cut the stop short
         print("stopping", file=sys.stderr, flush=True)
-        if ray.is_initialized():
-            stop_serving()
-            if owns_ray:
-                ray.shutdown()
+        if serving is not None:
+            serving.shutdown()
     return 0
 
 

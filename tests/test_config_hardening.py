@@ -122,6 +122,9 @@ BAD = [
     (["data.sources.0.name='a/b'"], "data.sources[0].name", "must be 1-128 letters"),
     (["promote.alias='..'"], "promote.alias", "without '..'"),
     (["serve.model_alias='a b'"], "serve.model_alias", "must be 1-128 letters"),
+    # the serving allow-lists are checked by the server's own rule before anything starts
+    (["serve.allowed_origins=[notanorigin]"], "serve.allowed_origins", "is not an origin"),
+    (["serve.allowed_hosts=['bad host']"], "serve.allowed_hosts", "is not a host name"),
 ]
 
 

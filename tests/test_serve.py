@@ -1,5 +1,6 @@
 """The OpenAI endpoint on Ray Serve, end to end: official client, equality with in-process
-generation, auth, malformed requests, and a rolling update under load.
+generation, auth, malformed requests, what a web page may do (Host, Origin, content type),
+null parameters, dropped streams, and a rolling update under load.
 
 One Serve application for the whole module (starting Serve takes ~10 s), serving the
 `staging` alias of a registered model with local_tiny's architecture; the test that
@@ -8,6 +9,7 @@ moves the alias runs last.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
 from model import DBRX
 from platform.config import load_job
@@ -32,21 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-8f3a1c"
 MODEL = "serve-test-model"
 PROMPT = "def fibonacci(n):\n    "
-
-
-def _weights(cfg, seed: int) -> DBRX:
-    """Random weights large enough that greedy decoding wanders through the vocabulary."""
-    torch.manual_seed(seed)
-    model = DBRX(cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)
-    return model.eval()
+PAGE = "http://app.test:3000"   # the one web origin the served config allows
+NAME = "api.test"               # a host name it answers besides its own address
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, empty_mlflow_db, ray_local, commit_checkpoint):
+def served(tmp_path_factory, empty_mlflow_db, ray_local, commit_checkpoint, random_model):
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
@@ -56,8 +48,9 @@ def served(tmp_path_factory, empty_mlflow_db, ray_local, commit_checkpoint):
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_location={root}/mlartifacts",
         f"serve.port={_free_port()}", f"serve.api_key={API_KEY}", "serve.replica_cpus=0",
         "serve.num_replicas=1", "serve.max_replicas=1", "serve.alias_poll_s=0.5", "serve.max_batch_size=8",
-        "serve.max_tokens_limit=64"])
-    first, second = _weights(cfg, 1), _weights(cfg, 2)
+        "serve.max_tokens_limit=64", f"serve.allowed_hosts=['{NAME}']", f"serve.allowed_origins=['{PAGE}']"])
+    # Weights large enough that greedy decoding wanders through the vocabulary.
+    first, second = random_model(cfg.model, 1).eval(), random_model(cfg.model, 2).eval()
     store = open_checkpoints(cfg)
     commit_checkpoint(store, first, 1)
     commit_checkpoint(store, second, 2)
@@ -81,8 +74,10 @@ def tok():
 
 
 def post(served, path: str, body=None, *, key: str | None = API_KEY, data: bytes | None = None,
-         method: str = "POST") -> requests.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+         method: str = "POST", headers: dict[str, str] | None = None) -> requests.Response:
+    """`body` as JSON or `data` as raw bytes (sent as application/json unless `headers` say otherwise)."""
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}),
+               **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
     return requests.request(method, served["serving"].root_url + path, json=body, data=data, headers=headers,
                             timeout=60)
 
@@ -252,6 +247,136 @@ def test_malformed_requests_get_openai_errors_and_the_service_keeps_serving(serv
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     r = post(served, "/v1/chat/completions", chat_ok)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+# ----------------------------------------------------------------------------- web pages: Host, Origin, content type
+
+ROUTES = [("GET", "/health"), ("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"),
+          ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]
+BODIES = {"/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+          "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+
+
+def call(served, method: str, path: str, headers: dict[str, str]) -> requests.Response:
+    return post(served, path, BODIES.get(path), method=method, headers=headers)
+
+
+def refused(r: requests.Response, status: int, code: str) -> bool:
+    error = r.json()["error"]
+    return (r.status_code == status and error["code"] == code and set(error) == {"message", "type", "param", "code"}
+            and "access-control-allow-origin" not in r.headers)
+
+
+def test_every_route_answers_only_hosts_that_name_this_server(served):
+    """DNS rebinding re-points a page's own name at 127.0.0.1: that name is refused."""
+    port = served["cfg"].serve.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", NAME, f"{NAME}:{port}"):
+        for method, path in ROUTES:
+            assert call(served, method, path, {"Host": host}).status_code == 200, (host, path)
+    for host in (f"rebound.example:{port}", "rebound.example", f"127.0.0.1:{port + 1}", "localhost",
+                 f"127.0.0.2:{port}", f"{NAME}.evil.example:{port}", ""):
+        for method, path in ROUTES + [("OPTIONS", "/v1/completions")]:
+            r = call(served, method, path, {"Host": host, "Origin": PAGE, "Access-Control-Request-Method": "POST"})
+            assert refused(r, 403, "host_not_allowed"), (host, path, r.status_code, r.text)
+
+
+def test_pages_of_other_origins_can_neither_call_nor_read(served):
+    for origin in ("https://evil.example", "null", "http://app.test:3001", "http://app.test", "https://app.test:3000"):
+        for method, path in ROUTES:
+            assert refused(call(served, method, path, {"Origin": origin}), 403, "origin_not_allowed"), (origin, path)
+        preflight = requests.options(served["serving"].root_url + "/v1/completions", timeout=10, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert refused(preflight, 403, "origin_not_allowed")
+
+
+def test_pages_of_an_allowed_origin_get_cors_answers(served):
+    for method, path in ROUTES:
+        r = call(served, method, path, {"Origin": PAGE})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE, path
+        assert "x-model-version" in r.headers["access-control-expose-headers"] and "Origin" in r.headers["vary"]
+    error = post(served, "/v1/completions", BODIES["/v1/completions"], key="wrong", headers={"Origin": PAGE})
+    assert error.status_code == 401 and error.headers["access-control-allow-origin"] == PAGE   # readable
+    asked = "authorization, content-type, x-stainless-os"
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}", "/health"):
+        r = requests.options(served["serving"].root_url + path, timeout=10, headers={
+            "Origin": PAGE, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked})
+        assert r.status_code == 204 and r.headers["access-control-allow-origin"] == PAGE, (path, r.text)
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert r.headers["access-control-allow-headers"] == asked and int(r.headers["access-control-max-age"]) > 0
+    not_preflight = requests.options(served["serving"].root_url + "/v1/completions", timeout=10)
+    assert refused(not_preflight, 405, "method_not_allowed")
+    assert post(served, "/v1/embeddings", method="OPTIONS").status_code == 404
+
+
+def test_post_bodies_must_be_sent_as_json(served):
+    """A page may send text/plain (or no type) without a preflight; JSON needs one."""
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        data = json.dumps(BODIES[path]).encode()
+        for content_type in (None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x", "application/jsonx"):
+            headers = {"Authorization": f"Bearer {API_KEY}", **({"Content-Type": content_type} if content_type else {})}
+            r = requests.post(served["serving"].root_url + path, data=data, headers=headers, timeout=60)
+            assert refused(r, 415, "unsupported_media_type"), (path, content_type, r.text)
+        for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+            assert post(served, path, data=data, headers={"Content-Type": content_type}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- null parameters, dropped streams
+
+
+def test_null_parameters_mean_their_defaults(served):
+    """OpenAI's SDKs send null for parameters left unset: 16 tokens for a completion, not the limit (64)."""
+    nulls = {k: None for k in ("max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options",
+                               "presence_penalty", "frequency_penalty", "logit_bias", "user")}
+    sampled = {"model": MODEL, "prompt": PROMPT, "seed": 11}
+    plain, nulled = (post(served, "/v1/completions", body).json() for body in (sampled, {**sampled, **nulls}))
+    assert nulled["choices"] == plain["choices"] and nulled["usage"] == plain["usage"]
+    assert plain["usage"]["completion_tokens"] <= 16
+    greedy = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 20}
+    assert post(served, "/v1/completions", {**greedy, "seed": None}).json()["choices"] == \
+        post(served, "/v1/completions", greedy).json()["choices"]
+    chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi", "name": None}], "seed": 3,
+                 "max_tokens": 8}
+    chat_nulls = {**{k: v for k, v in nulls.items() if k != "max_tokens"}, "max_completion_tokens": None,
+                  "tools": None, "tool_choice": None, "response_format": None}
+    plain, nulled = (post(served, "/v1/chat/completions", body).json()
+                     for body in (chat_body, {**chat_body, **chat_nulls}))
+    assert nulled["choices"] == plain["choices"] and nulled["usage"] == plain["usage"]
+    assert refused(post(served, "/v1/completions", {"model": MODEL, "prompt": None}), 400, "invalid_type")
+
+
+def _replica_logs() -> dict[Path, int]:
+    """The Serve and worker log files of this Ray session, with their sizes now."""
+    import ray
+
+    context = ray.get_runtime_context()
+    logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    files = [*logs.glob("serve/*"), *logs.glob("worker-*")]
+    return {f: f.stat().st_size for f in files if f.is_file()}
+
+
+def test_a_dropped_stream_leaves_no_traceback_in_the_replica_logs(served, client):
+    before = _replica_logs()
+    url = served["serving"].root_url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for path, body in [("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 60, "stream": True}),
+                       ("/v1/completions", {"model": MODEL, "prompt": [PROMPT, "Hi"], "max_tokens": 60,
+                                            "stream": True}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 60, "stream": True})] * 2:
+        with requests.post(url + path, json=body, headers=headers, stream=True, timeout=60) as r:
+            lines = r.iter_lines()
+            assert [next(lines) for _ in range(3)][0].startswith(b"data: ")
+        # leaving the block closes the connection mid-stream
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices   # still serving
+    time.sleep(3)   # the replica logs what it logs about the dropped requests
+    added = ""
+    for f, size in _replica_logs().items():
+        with open(f, errors="replace") as fh:
+            fh.seek(before.get(f, 0))
+            added += fh.read()
+    for unwanted in ("never retrieved", "Traceback", "graceful_shutdown failed"):
+        assert unwanted not in added, added[added.find(unwanted) - 2000:][:4000]
 
 
 # ----------------------------------------------------------------------------- rolling update (last)

@@ -14,6 +14,7 @@ from platform.serving.auth import ApiKeyCheck, key_digest
 from platform.serving.engine import BatchDecoder, GenerationRequest, SamplingParams, plan_groups
 from platform.serving.errors import APIError, from_validation
 from platform.serving.openai_schema import ChatCompletionRequest, ChatMessage, CompletionRequest
+from platform.serving.origin import OriginPolicy, require_json
 from platform.serving.text import TextStream
 
 torch.set_num_threads(2)
@@ -23,14 +24,8 @@ SMALL = DBRXConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_s
 
 
 @pytest.fixture(scope="module")
-def small_model() -> DBRX:
-    torch.manual_seed(0)
-    m = DBRX(SMALL)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
-    return m.eval()
+def small_model(random_model) -> DBRX:
+    return random_model(SMALL, std=0.3).eval()
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +196,28 @@ def test_chat_request_errors_name_the_parameter():
         ok.unsupported()
 
 
+def test_null_parameters_mean_their_defaults():
+    nulls = {k: None for k in ("max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
+                               "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user", "echo",
+                               "logprobs", "best_of", "suffix")}
+    given = CompletionRequest.model_validate({"model": "m", "prompt": "x", **nulls})
+    assert given == CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+    assert given.max_tokens == 16 and given.model_fields_set == {"model", "prompt"}
+    given.unsupported()
+    chat_nulls = {**{k: v for k, v in nulls.items() if k not in ("echo", "best_of", "suffix")},
+                  "max_completion_tokens": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+                  "response_format": None}
+    body = {"model": "m", "messages": [{"role": "user", "content": "x", "name": None}]}
+    chat_req = ChatCompletionRequest.model_validate({**body, **chat_nulls})
+    assert chat_req == ChatCompletionRequest.model_validate(body)
+    assert chat_req.requested_max_tokens() == (None, "max_tokens")
+    # A required parameter stays required.
+    for bad, param in [({"model": None, "prompt": "x"}, "model"), ({"model": "m", "prompt": None}, "prompt")]:
+        with pytest.raises(ValidationError) as info:
+            CompletionRequest.model_validate(bad)
+        assert from_validation(info.value).param == param
+
+
 def test_api_key_is_checked_by_digest_in_constant_time_and_never_shown():
     check = ApiKeyCheck(key_digest("s3cret-key"))
     check.check("Bearer s3cret-key")
@@ -211,6 +228,91 @@ def test_api_key_is_checked_by_digest_in_constant_time_and_never_shown():
         assert info.value.status == 401 and info.value.code == "invalid_api_key"
     assert "s3cret" not in repr(check) and "s3cret" not in key_digest("s3cret-key")
     ApiKeyCheck(None).check(None)   # no key configured: open (loopback only, enforced by config validation)
+
+
+# ----------------------------------------------------------------------------- browsers: Host, Origin, content type
+
+
+def _refused(check, value, status: int, code: str) -> None:
+    with pytest.raises(APIError) as info:
+        check(value)
+    assert (info.value.status, info.value.code) == (status, code)
+    assert set(info.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_loopback_server_answers_loopback_names_on_its_port_only():
+    policy = OriginPolicy.build("127.0.0.1", 8123)
+    for host in ("127.0.0.1:8123", "localhost:8123", "LOCALHOST:8123", "[::1]:8123"):
+        policy.check_host(host)
+    for host in ("evil.example:8123", "attacker.test", "localhost", "127.0.0.1:8124", "localhost.:8123",
+                 "127.0.0.2:8123", "10.0.0.1:8123", "[::2]:8123", "::1", "", None, "localhost:8123:80",
+                 "local host:8123", "127.0.0.1:0", "[::1]x:8123"):
+        _refused(policy.check_host, host, 403, "host_not_allowed")
+    OriginPolicy.build("localhost", 80).check_host("localhost")   # no port in Host: the HTTP default
+
+
+def test_other_binds_answer_their_address_and_configured_names():
+    wildcard = OriginPolicy.build("0.0.0.0", 9000, ["api.example.com", "gpu-box:7000"])
+    for host in ("10.1.2.3:9000", "[fe80::1]:9000", "localhost:9000", "api.example.com",
+                 "api.example.com:443", "gpu-box:7000"):
+        wildcard.check_host(host)
+    for host in ("10.1.2.3:9001", "gpu-box:9000", "rebound.example:9000", "example.com:9000"):
+        _refused(wildcard.check_host, host, 403, "host_not_allowed")
+    bound = OriginPolicy.build("10.0.0.5", 9000)
+    bound.check_host("10.0.0.5:9000")
+    _refused(bound.check_host, "10.0.0.6:9000", 403, "host_not_allowed")
+    OriginPolicy.build("127.0.0.1", 9000, ["*"]).check_host("anything.example:1")
+    with pytest.raises(ValueError) as info:
+        OriginPolicy.build("127.0.0.1", 9000, ["ok.example", "bad host", "x:99999"], ["ftp://a", "http://b/path"])
+    for entry in ("bad host", "x:99999", "ftp://a", "http://b/path"):
+        assert repr(entry) in str(info.value)
+
+
+def test_cross_origin_requests_need_an_allowed_origin():
+    policy = OriginPolicy.build("127.0.0.1", 8000, allowed_origins=["https://App.Example.com:443",
+                                                                   "http://localhost:3000"])
+    policy.check_origin(None)   # not a browser
+    for origin in ("https://app.example.com", "http://localhost:3000"):
+        policy.check_origin(origin)
+        assert policy.cors_headers(origin)["Access-Control-Allow-Origin"] == origin
+    for origin in ("https://evil.example", "http://localhost:3001", "https://app.example.com.evil.example",
+                   "http://app.example.com", "null", "", "file://"):
+        _refused(policy.check_origin, origin, 403, "origin_not_allowed")
+        assert policy.cors_headers(origin) == {}
+    assert OriginPolicy.build("127.0.0.1", 8000).cors_headers("http://localhost:3000") == {}
+    OriginPolicy.build("127.0.0.1", 8000, allowed_origins=["*"]).check_origin("https://any.example")
+
+
+def test_post_bodies_must_be_declared_json():
+    for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        require_json(content_type)
+    for content_type in (None, "", "text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", "application/jsonx", "application/json-seq"):
+        _refused(require_json, content_type, 415, "unsupported_media_type")
+
+
+def test_malformed_allow_lists_stop_the_launch_with_one_message():
+    """Refused when the config is loaded (exit 2, before anything starts), and again by the
+    launch for a config built in code."""
+    import dataclasses
+
+    from platform.config import ConfigError, load_job
+    from platform.errors import UserError
+    from platform.serving.launch import server_settings
+    from platform.serving.loader import ModelSource
+
+    bad = ["serve.allowed_hosts=['bad host']", "serve.allowed_origins=['https://ok.example','ftp://files']"]
+    with pytest.raises(ConfigError, match="'bad host'.*'ftp://files'"):
+        load_job("conf/local_tiny.yaml", bad)
+    good = load_job("conf/local_tiny.yaml")
+    cfg = dataclasses.replace(good, serve=dataclasses.replace(
+        good.serve, allowed_hosts=["bad host"], allowed_origins=["https://ok.example", "ftp://files"]))
+    with pytest.raises(UserError, match="'bad host'.*'ftp://files'"):
+        server_settings(cfg, ModelSource("m", alias="staging"))
+    ok = load_job("conf/local_tiny.yaml", ["serve.port=8123", "serve.allowed_origins=['https://ok.example']"])
+    policy = server_settings(ok, ModelSource("m", alias="staging")).origins
+    policy.check_host("localhost:8123")
+    policy.check_origin("https://ok.example")
 
 
 # ----------------------------------------------------------------------------- loading

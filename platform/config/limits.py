@@ -28,6 +28,8 @@ ITEMS = {
     "data.sources": 256,
     "cluster.tags": 50,               # EC2 allows 50 tags per resource
     "cluster.terraform_vars": 64,
+    "serve.allowed_hosts": 64,
+    "serve.allowed_origins": 64,
 }
 
 DAY_S = 86400.0
@@ -134,6 +136,7 @@ RANGES: dict[str, Range] = {
     "train.max_expert_parallel_size": _count(0, 1024, "0 means no cap"),
     "train.seed": _count(0, 2 ** 32 - 1),
     "train.max_failures": _count(0, 1000),
+    "train.max_job_restarts": _count(0, 100),
     "train.log_every_steps": _count(1, _STEPS),
     "train.eval_every_steps": _count(1, _STEPS),
     "train.eval_batches": _count(1, 100_000),

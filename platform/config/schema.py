@@ -103,6 +103,8 @@ class TrainConfig:
     max_expert_parallel_size: int = 0  # 0: no cap (up to the number of experts)
     seed: int = 1234
     max_failures: int = 3              # worker failures Ray Train restarts from
+    max_job_restarts: int = 3          # control-plane deaths (Train controller, driver actors,
+                                       # the Ray head) the job restarts its training run from
     log_every_steps: int = 1
     eval_every_steps: int = 50
     eval_batches: int = 4
@@ -151,6 +153,11 @@ class ServeConfig:
     alias_poll_s: float = 5.0          # how often replicas re-resolve model_alias (rolling update)
     replica_cpus: float = 1.0          # Ray resources reserved per replica
     replica_gpus: float = 0.0          # > 0: replicas run on a GPU in bfloat16
+    # Browsers (platform.serving.origin): Host names answered besides loopback names and the bound
+    # address on serve.port ("name" any port, "name:port", "*" any), and the web origins whose pages
+    # may call the API (CORS, e.g. "https://app.example.com"; "*" any). Empty: no other name, no page.
+    allowed_hosts: List[str] = field(default_factory=list)
+    allowed_origins: List[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

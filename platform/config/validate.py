@@ -265,3 +265,9 @@ def _check_serve(cfg: JobConfig, bad: Bad) -> None:
     problem = name_problem(s.model_alias)
     if problem:
         bad("serve.model_alias", problem)
+    from platform.serving.origin import OriginPolicy   # the rule the server applies, checked here
+
+    try:
+        OriginPolicy.build(s.host, s.port, s.allowed_hosts, s.allowed_origins)
+    except ValueError as exc:
+        bad("serve.allowed_hosts" if "allowed_hosts" in str(exc) else "serve.allowed_origins", str(exc))

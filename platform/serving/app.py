@@ -6,6 +6,10 @@ Routes (FastAPI ingress):
     GET  /v1/models/{id}
     POST /v1/completions         prompt(s) -> text; `stream: true` for SSE
     POST /v1/chat/completions    messages (ChatML, platform.serving.chat) -> reply; SSE too
+    OPTIONS (each of these)      CORS preflight, for the origins in serve.allowed_origins
+
+Every request passes `_guard` first: its Host and Origin (platform.serving.origin:
+what a web page may do), the API key, and a JSON content type on POST.
 
 Every response from the model carries `x-model-version` (the registry version,
 or step-<N> for a checkpoint path) and `system_fingerprint` says the same.
@@ -28,7 +32,7 @@ import uuid
 from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,7 +46,8 @@ from platform.serving.openai_schema import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatDelta, Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage,
 )
-from platform.serving.streaming import DONE, merge, sse
+from platform.serving.origin import require_json
+from platform.serving.streaming import DONE, EventStream, merge, sse
 from platform.serving.text import TextStream
 
 log = logging.getLogger("platform.serving")
@@ -133,10 +138,12 @@ class OpenAIServer:
     # ------------------------------------------------------------------ routes
 
     @api.get("/health")
-    async def health(self) -> JSONResponse:
-        loaded = self._model
-        return JSONResponse({"status": "ok", "model": loaded.model_id, "version": loaded.version},
-                            headers={VERSION_HEADER: loaded.version})
+    async def health(self, request: Request) -> Response:
+        async def ok(_: Request) -> Response:
+            loaded = self._model
+            return JSONResponse({"status": "ok", "model": loaded.model_id, "version": loaded.version},
+                                headers={VERSION_HEADER: loaded.version})
+        return await self._guard(request, ok, authenticate=False)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
@@ -158,17 +165,45 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         return await self._guard(request, self._chat_completions)
 
-    async def _guard(self, request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Authenticate, then run `handler`; every failure becomes an OpenAI-style error."""
+    @api.options("/health")
+    @api.options("/v1/models")
+    @api.options("/v1/models/{model_id:path}")
+    @api.options("/v1/completions")
+    @api.options("/v1/chat/completions")
+    async def preflight(self, request: Request) -> Response:
+        """CORS preflight: a page of an allowed origin asks before it sends JSON or a key."""
+        async def answer(_: Request) -> Response:
+            origin = request.headers.get("origin")
+            if origin is None or "access-control-request-method" not in request.headers:
+                raise APIError(405, f"Method OPTIONS is not allowed for {request.url.path} outside a CORS "
+                                    "preflight.", code="method_not_allowed")
+            return Response(status_code=204, headers=self.settings.origins.preflight_headers(
+                request.headers.get("access-control-request-headers")))
+        return await self._guard(request, answer, authenticate=False)
+
+    async def _guard(self, request: Request, handler: Callable[[Request], Awaitable[Response]], *,
+                     authenticate: bool = True) -> Response:
+        """Check the Host, the Origin, the key and a POST's content type, then run `handler`. Every
+        failure becomes an OpenAI-style error; a page of an allowed origin may read every answer."""
+        origins, origin = self.settings.origins, request.headers.get("origin")
+        cors: dict[str, str] = {}
         try:
-            self.auth.check(request.headers.get("authorization"))
-            return await handler(request)
+            origins.check_host(request.headers.get("host"))
+            origins.check_origin(origin)
+            cors = origins.cors_headers(origin)
+            if authenticate:
+                self.auth.check(request.headers.get("authorization"))
+            if request.method == "POST":
+                require_json(request.headers.get("content-type"))
+            response = await handler(request)
         except APIError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         except Exception:
             log.exception("request %s %s failed", request.method, request.url.path)
             error = APIError(500, "The server had an error while processing your request.", type=SERVER_ERROR)
-            return JSONResponse(error.body(), status_code=500)
+            response = JSONResponse(error.body(), status_code=500)
+        response.headers.update(cors)
+        return response
 
     # ------------------------------------------------------------------ handlers
 
@@ -182,7 +217,7 @@ class OpenAIServer:
         loaded = self._model
         self._check_model(req.model, loaded)
         prompts = self._completion_prompts(req.prompt, loaded)
-        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        explicit = "max_tokens" in req.model_fields_set
         stops = req.stop_sequences()
         gens = [GenerationRequest(p, self._sampling(req, len(p), loaded, req.max_tokens, "max_tokens", "prompt",
                                                     clamp=not explicit,
@@ -346,7 +381,7 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ streaming
 
-    def _stream(self, events: AsyncIterator[str], loaded: LoadedModel) -> StreamingResponse:
+    def _stream(self, events: AsyncIterator[str], loaded: LoadedModel) -> EventStream:
         async def body() -> AsyncIterator[str]:
             try:
                 async for event in events:
@@ -357,8 +392,7 @@ class OpenAIServer:
                 return
             yield DONE
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={VERSION_HEADER: loaded.version, "Cache-Control": "no-cache"})
+        return EventStream(body(), headers={VERSION_HEADER: loaded.version, "Cache-Control": "no-cache"})
 
     async def _completion_events(self, gens: list[GenerationRequest], stops: Sequence[str], rid: str,
                                  created: int, include_usage: bool) -> AsyncIterator[str]:

@@ -15,6 +15,9 @@ from typing import Optional
 
 from platform.serving.errors import unauthorized
 
+# Where conf/serve/default.yaml reads serve.api_key from; launch keeps it out of Ray's processes.
+API_KEY_ENV = "DBRX_SERVE_API_KEY"
+
 
 def key_digest(api_key: Optional[str]) -> Optional[str]:
     """What replicas are given: the key's SHA-256 hex digest (None: no key required)."""

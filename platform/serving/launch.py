@@ -9,29 +9,43 @@ deploys; `start_serving` returns once it answers.
 Replicas: serve.num_replicas, autoscaling up to serve.max_replicas on ongoing
 requests (target: one full batch per replica), each reserving
 serve.replica_cpus / serve.replica_gpus.
+
+A Ray instance started here for serving is one machine's: its processes listen
+on 127.0.0.1 only, none of them inherits the API key (replicas get its digest),
+and the caller's SIGTERM handler survives `ray.init`. `Serving.shutdown()` then
+stops what `start_serving` started and nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from platform.config import state_dir
 from platform.config.schema import JobConfig, ServeConfig
 from platform.errors import UserError
-from platform.serving.auth import key_digest
+from platform.serving.auth import API_KEY_ENV, key_digest
 from platform.serving.loader import ModelSource, ServerSettings
+from platform.serving.origin import OriginPolicy
 from platform.tracking.store import resolve
 
 log = logging.getLogger("platform.serving")
 
 APP_NAME = "dbrx"
 READY_TIMEOUT_S = 60.0
+# Ray decides when it is imported whether a local instance may grow into a cluster (its processes
+# listen on every interface) or stays on this machine (127.0.0.1); "0" says the latter.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# What start_serving started, and so what Serving.shutdown stops.
+LOCAL_RAY, CLUSTER_CONNECTION = "local", "cluster"
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,7 @@ class Serving:
     app_name: str
     model: str
     source: ModelSource
+    started: Optional[str] = None    # LOCAL_RAY or CLUSTER_CONNECTION; None: the caller's Ray
 
     @property
     def root_url(self) -> str:
@@ -52,6 +67,19 @@ class Serving:
         from ray import serve
 
         serve.delete(self.app_name)
+
+    def shutdown(self) -> None:
+        """Stop serving and what start_serving started: the application first (its replicas finish
+        the requests in flight), then a local Ray instance with everything in it, or Serve on the
+        cluster it connected to. `serve.shutdown()` is skipped where Ray stops anyway: Ray reports
+        its wait on the controller, which ends by killing itself, as a failed task."""
+        import ray
+
+        self.stop()
+        if self.started == CLUSTER_CONNECTION:
+            stop_serving()
+        if self.started is not None:
+            ray.shutdown()
 
 
 def model_source(cfg: JobConfig, *, alias: Optional[str] = None, version: Optional[str | int] = None,
@@ -71,11 +99,16 @@ def model_source(cfg: JobConfig, *, alias: Optional[str] = None, version: Option
 def server_settings(cfg: JobConfig, source: ModelSource) -> ServerSettings:
     s = cfg.serve
     _check(s)
+    try:
+        origins = OriginPolicy.build(s.host, s.port, s.allowed_hosts, s.allowed_origins)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return ServerSettings(
         source=source, tracking=resolve(cfg.tracking), model_config=cfg.model,
         cache_dir=os.path.join(state_dir(), "registry-cache"), max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s, max_tokens_limit=s.max_tokens_limit,
-        alias_poll_s=s.alias_poll_s, api_key_digest=key_digest(s.api_key), use_gpu=s.replica_gpus > 0)
+        alias_poll_s=s.alias_poll_s, api_key_digest=key_digest(s.api_key), use_gpu=s.replica_gpus > 0,
+        origins=origins)
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
@@ -101,28 +134,33 @@ def start_serving(cfg: JobConfig, *, alias: Optional[str] = None, version: Optio
     Serves `checkpoint` (a local folder), else registry `version`, else the
     `alias` (default serve.model_alias), which replicas then follow. Uses the
     Ray the caller is connected to, else cluster.ray_address, else a new local
-    instance.
+    instance. Fails (an exception, Ctrl-C) leaving nothing it started behind.
     """
-    import ray
-    from ray import serve
-
-    from platform.serving.app import OpenAIServer
-
     source = model_source(cfg, alias=alias, version=version, checkpoint=checkpoint)
     settings = server_settings(cfg, source)
     _check_source(settings)
     s = cfg.serve
-    if not ray.is_initialized():
-        _connect_ray(cfg)
-    if not _serve_running():
-        _check_port_free(s.host, s.port)
-    serve.start(http_options={"host": s.host, "port": s.port}, proxy_location="HeadOnly")
-    app = OpenAIServer.options(**deployment_options(s)).bind(settings)
-    serve.run(app, name=app_name, route_prefix="/", blocking=False)
-    url_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-    url_host = f"[{url_host}]" if ":" in url_host else url_host
-    serving = Serving(f"http://{url_host}:{s.port}/v1", app_name, source.name, source)
-    _wait_ready(serving)
+    started = _ensure_ray(cfg)
+    try:
+        from ray import serve
+
+        from platform.serving.app import OpenAIServer
+
+        if not _serve_running():
+            _check_port_free(s.host, s.port)
+        serve.start(http_options={"host": s.host, "port": s.port}, proxy_location="HeadOnly")
+        app = OpenAIServer.options(**deployment_options(s)).bind(settings)
+        serve.run(app, name=app_name, route_prefix="/", blocking=False)
+        url_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+        url_host = f"[{url_host}]" if ":" in url_host else url_host
+        serving = Serving(f"http://{url_host}:{s.port}/v1", app_name, source.name, source, started)
+        _wait_ready(serving)
+    except BaseException:
+        if started is not None:
+            import ray
+
+            ray.shutdown()
+        raise
     log.info("serving %s at %s", source.describe(), serving.base_url)
     return serving
 
@@ -135,19 +173,59 @@ def stop_serving() -> None:
         serve.shutdown()
 
 
-def _connect_ray(cfg: JobConfig) -> None:
-    """The job's cluster when cluster.ray_address names one, else a small local instance for Serve only."""
-    import ray
+def _ensure_ray(cfg: JobConfig) -> Optional[str]:
+    """Connect to Ray unless the caller is: the job's cluster when cluster.ray_address names one,
+    else a small local instance for Serve only. Returns what it started (None: nothing)."""
+    local = not cfg.cluster.ray_address
+    # Ray reads SINGLE_MACHINE_ENV once, when first imported (in this process, before ray.init).
+    with _environ({API_KEY_ENV: None, **({SINGLE_MACHINE_ENV: "0"} if local else {})}):
+        import ray
 
-    if cfg.cluster.ray_address:
-        from platform.provision.head import enable_token_auth_in_process
+        if ray.is_initialized():
+            return None
+        with _keeping_sigterm_handler():
+            if not local:
+                from platform.provision.head import enable_token_auth_in_process
 
-        enable_token_auth_in_process()
-        ray.init(address=cfg.cluster.ray_address, configure_logging=False, log_to_driver=False)
-    else:
-        # Nothing but HTTP bodies moves through the object store: keep it (and Ray) small.
-        ray.init(address="local", object_store_memory=cfg.cluster.node_object_store_mb * 1024 ** 2,
-                 include_dashboard=False, configure_logging=False, log_to_driver=False)
+                enable_token_auth_in_process()
+                ray.init(address=cfg.cluster.ray_address, configure_logging=False, log_to_driver=False)
+                return CLUSTER_CONNECTION
+            # Nothing but HTTP bodies moves through the object store: keep it (and Ray) small.
+            ray.init(address="local", object_store_memory=cfg.cluster.node_object_store_mb * 1024 ** 2,
+                     include_dashboard=False, configure_logging=False, log_to_driver=False)
+            return LOCAL_RAY
+
+
+@contextmanager
+def _environ(changes: dict[str, Optional[str]]) -> Iterator[None]:
+    """`os.environ` with `changes` (None: unset) while Ray starts its processes, which inherit it."""
+    saved = {key: os.environ.get(key) for key in changes}
+    _set_environ(changes)
+    try:
+        yield
+    finally:
+        _set_environ(saved)
+
+
+def _set_environ(values: dict[str, Optional[str]]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler with one that prints a crash dump and kills its
+    processes abruptly; the caller's handler (the CLI's stops like Ctrl-C) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -171,7 +249,7 @@ def _check_source(settings: ServerSettings) -> None:
     source = settings.source
     if source.checkpoint:
         from platform.registry.artifacts import check_safetensors_only
-        from platform.train.state import TRAINER_FILE
+        from platform.checkpoint.trainer_state import TRAINER_FILE
 
         if not (Path(source.checkpoint) / TRAINER_FILE).is_file():
             check_safetensors_only(Path(source.checkpoint))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from platform.errors import UserError
 from platform.registry.models import ModelRegistry, VersionRef
+from platform.serving.origin import OriginPolicy
 from platform.tracking.store import Store
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class ServerSettings:
     alias_poll_s: float = 5.0
     api_key_digest: Optional[str] = None
     use_gpu: bool = False
+    origins: OriginPolicy = OriginPolicy.build("127.0.0.1", 8000)   # Host/Origin checks (serve.host/port)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class ModelLoader:
     def load_path(self, path: Path) -> LoadedModel:
         """A version folder / HF export (config.json + safetensors) or a committed training checkpoint."""
         from platform.registry.artifacts import PICKLE_SUFFIXES, load_version, read_lineage
-        from platform.train.state import TRAINER_FILE
+        from platform.checkpoint.trainer_state import TRAINER_FILE
 
         if not path.is_dir():
             raise UserError(f"checkpoint {path} is not a folder")
@@ -128,7 +130,7 @@ class ModelLoader:
         if pickled:
             raise UserError(f"{path} holds pickle-based files ({', '.join(pickled)}); only safetensors are loaded")
         model, tok = self._training_checkpoint(path)
-        from platform.train.state import read_trainer_state
+        from platform.checkpoint.trainer_state import read_trainer_state
 
         version = f"step-{read_trainer_state(path).step}"
         return LoadedModel(model, tok, self.source.name, version, int(time.time()))
@@ -136,7 +138,7 @@ class ModelLoader:
     def _training_checkpoint(self, path: Path) -> tuple["DBRX", "Tokenizer"]:
         from platform.data import get_tokenizer
         from platform.registry.artifacts import model_from_state_dict
-        from platform.train.state import consolidated_weights
+        from platform.checkpoint.trainer_state import consolidated_weights
 
         cfg = self.settings.model_config
         if cfg is None:

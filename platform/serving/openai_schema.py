@@ -3,16 +3,19 @@
 Requests are parsed with pydantic in strict mode from the raw JSON: a string
 where a number belongs, a float where an integer belongs, NaN, or a value out
 of range is a 400, as it is at OpenAI; unknown fields are ignored, as
-clients send newer fields freely. Parameters this server cannot honour
-(n > 1, logprobs, penalties, tools, ...) are refused by `unsupported()` with a
-message naming them, rather than silently ignored.
+clients send newer fields freely. `null` for an optional parameter means its
+documented default, as at OpenAI, whose SDKs send null for unset parameters
+(`"max_tokens": null` is 16 tokens for a completion, not the server's limit).
+Parameters this server cannot honour (n > 1, logprobs, penalties, tools, ...)
+are refused by `unsupported()` with a message naming them, rather than
+silently ignored.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from platform.serving.errors import APIError, invalid
 
@@ -23,6 +26,16 @@ SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Drop `null` optional parameters, so each takes its default (and counts as not sent);
+        a required one stays null and is refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or (k in fields and fields[k].is_required())}
 
 
 class StreamOptions(_Strict):
@@ -78,7 +91,7 @@ PromptType = Union[str, list[str], list[int], list[list[int]]]
 
 class CompletionRequest(_Generation):
     prompt: PromptType
-    max_tokens: Optional[int] = 16
+    max_tokens: int = 16
     echo: bool = False
     logprobs: Optional[int] = None
     best_of: Optional[int] = None

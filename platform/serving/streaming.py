@@ -12,9 +12,32 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Sequence, TypeVar
 
+from starlette.responses import StreamingResponse
+from starlette.types import Receive
+
 T = TypeVar("T")
 
 DONE = "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that ends quietly when its client goes away.
+
+    Starlette streams while it listens for the client's `http.disconnect`.
+    Behind Ray Serve, a dropped connection instead makes `receive()` raise
+    (the proxy cancels the call relaying the client's messages); left alone,
+    that error ends the request task after Serve stopped waiting for it, and
+    asyncio logs "Future exception was never retrieved" in the replica log. It
+    means the same thing: stop streaming, which cancels the generation.
+    """
+
+    media_type = "text/event-stream"
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except Exception:   # noqa: BLE001 - any failure to hear the client means it is gone
+            return
 
 
 def sse(payload: Any) -> str:
