@@ -489,7 +489,7 @@ def _measure_engine(master: str) -> dict:
                       grad_clip=1.0, bf16=True, master_weights=master)
     eng = build_engine(spec, model, num_experts=cfg.moe_num_experts, expert_parallel=1)
 
-    def step():   # the core of platform.train.loop.train_step, without its job config
+    def step():   # the core of platform.train.step.train_step
         out = eng.engine(tokens[:, :-1], shift_labels=tokens[:, 1:], return_logits=False)
         eng.engine.backward(out.loss)
         eng.engine.step()

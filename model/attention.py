@@ -8,7 +8,7 @@ broadcasts them without materialising repeated copies.
 
 The rotary tables are computed on the fly from positions rather than cached in
 a buffer: they cost O(tokens x head_dim) and keeping no buffer lets the model be
-built on the meta device and loaded with `assign=True` (see model.hf).
+built on the meta device and loaded with `assign=True` (see DBRX.assign_state_dict).
 """
 
 from __future__ import annotations
