@@ -20,15 +20,26 @@ def _isolated_state_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DBRX_PLATFORM_HOME", str(tmp_path_factory.getbasetemp() / "state"))
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One small local Ray instance shared by the tests that need Ray."""
+@pytest.fixture(scope="module")
+def ray_local(_ray_shutdown_at_end):
+    """One small local Ray instance shared by the tests that need Ray: started on first use, and
+    again after a test that had to drive its own Ray in this process shut it down
+    (tests/test_serve_after_training.py runs the job controller, which calls ray.init itself)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 ** 2,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _ray_shutdown_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- storage (S3 via moto)

@@ -43,11 +43,13 @@ def job(tmp_path, monkeypatch, empty_mlflow_db):
         f"tracking.artifact_location={tmp_path}/mlartifacts", "promote.gate=false",
         "serve.start_after_training=true", f"serve.port={free_local_port()}"])
     handler = signal.getsignal(signal.SIGTERM)
+    import ray
+
+    if ray.is_initialized():     # another module's shared instance: the controller inits its own
+        ray.shutdown()
     held = Resources()
     yield cfg, held
     signal.signal(signal.SIGTERM, handler)
-    import ray
-
     if ray.is_initialized():
         ray.shutdown()
     if held.provisioner is not None:
