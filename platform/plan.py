@@ -3,7 +3,8 @@
 `make_plan(cfg)` is what `platform.submit` prints before anything is
 provisioned: the parallel layout at each allowed world size, parameters and
 FLOPs from the architecture, memory per accelerator broken down, step time
-and days to the token budget at a stated MFU, and what the cluster costs.
+and days to the token budget at a stated MFU, what the cluster costs, and
+what a checkpoint costs and how often to take one (`checkpoint_every_steps`).
 Memory is an estimate from first principles (documented per term below), so
 that a config that cannot fit is refused before any node is paid for.
 """
@@ -14,11 +15,15 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from model.counting import active_params, param_counts, training_flops_per_token
+from platform.checkpoint.placement import (
+    STATE_BYTES_PER_ELEMENT, ParamShape, assign_writers, bytes_per_rank, chunk_bytes_for, units_of,
+)
 from platform.config.build import Problem
-from platform.config.schema import JobConfig
+from platform.config.schema import JobConfig, ModelConfig
 from platform.layout import Layout, Skipped, allowed_layouts, workers_per_node
 
 GB = 1024 ** 3
+AUTO = "auto"            # checkpoint.every_steps: the plan's Young-Daly interval
 # CUDA context, NCCL buffers, allocator fragmentation: a fixed reserve per GPU.
 GPU_RUNTIME_RESERVE_GB = 3.0
 
@@ -62,6 +67,7 @@ class Plan:
     total_steps: int
     precision: str
     layouts: list[LayoutPlan]
+    checkpoint: CheckpointPlan       # at the largest layout
     skipped: Skipped = field(default_factory=lambda: Skipped(0, ()))
     memory_limit_gb: float | None = None
     memory_limit_key: str = ""       # the config key that sets memory_limit_gb
@@ -97,6 +103,7 @@ class Plan:
             ],
             "skipped_world_sizes": [{"world_size": w, "reason": r} for w, r in self.skipped.examples],
             "skipped_world_sizes_count": self.skipped.count,
+            "checkpoint": self.checkpoint.to_json(),
         }
 
 
@@ -152,7 +159,7 @@ def make_plan(cfg: JobConfig) -> Plan:
     plans = []
     for layout in allowed:
         step_time = days = None
-        if c.gpus_per_node > 0 and c.peak_tflops_per_device > 0:
+        if has_step_time(cfg):
             achieved = layout.world_size * c.peak_tflops_per_device * 1e12 * t.assumed_mfu
             step_time = tokens_per_step * flops_per_token / achieved
             days = step_time * total_steps / 86400
@@ -165,9 +172,142 @@ def make_plan(cfg: JobConfig) -> Plan:
         job=cfg.name, provider=c.provider, devices=devices,
         params_total=param_counts(m).total, params_active=active_params(m),
         flops_per_token=flops_per_token, tokens_per_step=tokens_per_step,
-        total_steps=total_steps, precision=precision, layouts=plans, skipped=skipped,
-        memory_limit_gb=limit_gb, memory_limit_key=limit_key,
+        total_steps=total_steps, precision=precision, layouts=plans,
+        checkpoint=checkpoint_plan(cfg, max(plans, key=lambda lp: lp.layout.world_size)),
+        skipped=skipped, memory_limit_gb=limit_gb, memory_limit_key=limit_key,
     )
+
+
+def has_step_time(cfg: JobConfig) -> bool:
+    """Whether the plan estimates step time: GPUs with a rated peak (CPU steps are measured)."""
+    return cfg.cluster.gpus_per_node > 0 and cfg.cluster.peak_tflops_per_device > 0
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """One save at the largest allowed layout, and how often to save.
+
+    The stall is what training waits for when saves run in the background: the
+    most loaded rank copying its share of the state into host memory. Young and
+    Daly's interval sqrt(2 x stall x MTBF) minimises the time lost to saving (one
+    stall per interval) plus the work lost to failures (half an interval each).
+    """
+
+    world_size: int
+    nodes: int
+    size_bytes: int                  # every parameter with its Adam moments, fp32
+    bytes_per_rank_mean: float
+    bytes_per_rank_max: int          # also the host memory a rank keeps for saving
+    copy_gb_per_s: float             # checkpoint.assumed_copy_gb_per_s
+    async_save: bool                 # checkpoint.async_save: False also stalls for the write
+    node_mtbf_hours: float           # cluster.node_mtbf_hours
+    step_time_s: float | None        # the plan's estimate at this layout; None on CPU
+    configured: int | str            # checkpoint.every_steps as written (a number or "auto")
+    run_cost_usd: float | None       # the whole run at this layout; None without a step time
+
+    @property
+    def stall_s(self) -> float:
+        return self.bytes_per_rank_max / (self.copy_gb_per_s * 1e9)
+
+    @property
+    def cluster_mtbf_s(self) -> float:
+        """Any one of the nodes failing ends the interval: the node MTBF over the node count."""
+        return self.node_mtbf_hours * 3600 / self.nodes
+
+    @property
+    def optimal_interval_s(self) -> float:
+        return math.sqrt(2 * self.stall_s * self.cluster_mtbf_s)
+
+    @property
+    def optimal_every_steps(self) -> int | None:
+        if self.step_time_s is None:
+            return None
+        return max(1, round(self.optimal_interval_s / self.step_time_s))
+
+    @property
+    def every_steps(self) -> int | None:
+        """The interval the run uses: the configured one, or the optimal one for auto."""
+        return self.optimal_every_steps if self.configured == AUTO else self.configured
+
+    def overhead(self, interval_s: float) -> float:
+        """Fraction of the run lost when saving every `interval_s`: stalls plus recomputed work."""
+        return self.stall_s / interval_s + interval_s / (2 * self.cluster_mtbf_s)
+
+    @property
+    def interval_s(self) -> float | None:
+        """Seconds between the run's saves; None where the step time is unknown."""
+        if self.step_time_s is None or self.every_steps is None:
+            return None
+        return self.every_steps * self.step_time_s
+
+    def to_json(self) -> dict:
+        interval = self.interval_s
+        return {
+            "world_size": self.world_size, "nodes": self.nodes, "size_bytes": self.size_bytes,
+            "bytes_per_rank_mean": round(self.bytes_per_rank_mean),
+            "bytes_per_rank_max": self.bytes_per_rank_max,
+            "host_memory_per_rank_bytes": self.bytes_per_rank_max,
+            "assumed_copy_gb_per_s": self.copy_gb_per_s, "stall_s": self.stall_s,
+            "node_mtbf_hours": self.node_mtbf_hours,
+            "cluster_mtbf_hours": self.cluster_mtbf_s / 3600,
+            "optimal_interval_s": self.optimal_interval_s,
+            "optimal_every_steps": self.optimal_every_steps,
+            "optimal_overhead_fraction": self.overhead(self.optimal_interval_s),
+            "every_steps_config": self.configured, "every_steps": self.every_steps,
+            "interval_s": interval,
+            "overhead_fraction": None if interval is None else self.overhead(interval),
+        }
+
+
+def checkpoint_shapes(m: ModelConfig) -> list[ParamShape]:
+    """Every parameter as DBRX names and shapes it (an expert parameter as one expert's rows),
+    from the config alone: the plan places the checkpoint of a model it never builds."""
+    d, experts = m.d_model, m.moe_num_experts
+    shapes = [ParamShape("wte.weight", m.vocab_size, d)]
+    for i in range(m.n_layers):
+        b = f"blocks.{i}"
+        shapes += [ParamShape(f"{b}.norm_1.weight", d, 1),
+                   ParamShape(f"{b}.attn.Wqkv.weight", d + 2 * m.kv_dim, d),
+                   ParamShape(f"{b}.attn.out_proj.weight", d, d),
+                   ParamShape(f"{b}.norm_2.weight", d, 1),
+                   ParamShape(f"{b}.ffn.router.layer.weight", experts, d)]
+        shapes += [ParamShape(f"{b}.ffn.experts.{w}", m.ffn_hidden_size, d, experts)
+                   for w in ("w1", "v1", "w2")]
+    shapes.append(ParamShape("norm_f.weight", d, 1))
+    if not m.tie_word_embeddings:
+        shapes.append(ParamShape("lm_head.weight", m.vocab_size, d))
+    return shapes
+
+
+def checkpoint_plan(cfg: JobConfig, lp: LayoutPlan) -> CheckpointPlan:
+    """The checkpoint at layout `lp`, placed on its ranks as the writers place it."""
+    layout, m = lp.layout, cfg.model
+    shapes = checkpoint_shapes(m)
+    total = STATE_BYTES_PER_ELEMENT * sum(p.rows * p.cols * max(1, p.experts) for p in shapes)
+    units = units_of(shapes, chunk_bytes_for(total, layout.world_size))
+    loads = bytes_per_rank(assign_writers(units, layout.world_size, layout.expert_parallel,
+                                          m.moe_num_experts), layout.world_size)
+    run_cost = (None if lp.days_to_budget is None
+                else lp.days_to_budget * 24 * lp.cost_per_hour)
+    return CheckpointPlan(
+        world_size=layout.world_size, nodes=layout.nodes, size_bytes=sum(loads),
+        bytes_per_rank_mean=sum(loads) / layout.world_size, bytes_per_rank_max=max(loads),
+        copy_gb_per_s=cfg.checkpoint.assumed_copy_gb_per_s, async_save=cfg.checkpoint.async_save,
+        node_mtbf_hours=cfg.cluster.node_mtbf_hours, step_time_s=lp.step_time_s,
+        configured=cfg.checkpoint.every_steps, run_cost_usd=run_cost)
+
+
+def checkpoint_every_steps(cfg: JobConfig) -> int:
+    """Steps between checkpoints for the training loop: `checkpoint.every_steps`, or for
+    `auto` the plan's Young-Daly interval at the largest allowed layout (one value for
+    every world size, so a resized run keeps saving at the same steps). Validation
+    refuses `auto` where the plan has no step time."""
+    if cfg.checkpoint.every_steps != AUTO:
+        return cfg.checkpoint.every_steps
+    every = make_plan(cfg).checkpoint.every_steps
+    if every is None:
+        raise ValueError("checkpoint.every_steps=auto needs the plan's step time (GPU nodes)")
+    return every
 
 
 def memory_limit(cfg: JobConfig) -> tuple[str, float | None]:
@@ -244,4 +384,41 @@ def render(plan: Plan, cfg: JobConfig) -> str:
                      f"{c.peak_tflops_per_device:.0f} TFLOP/s per GPU")
     else:
         lines.append("  step time: measured during training (CPU workers have no rated peak)")
-    return "\n".join(lines)
+    return "\n".join(lines + _render_checkpoint(plan.checkpoint))
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _cost(ck: CheckpointPlan, interval_s: float) -> str:
+    """`interval_s` in steps and its overhead (and dollars, where the run's cost is known)."""
+    steps = f" = {round(interval_s / ck.step_time_s)} steps" if ck.step_time_s else ""
+    fraction = ck.overhead(interval_s)
+    usd = f" (~${fraction * ck.run_cost_usd:,.0f} of the run)" if ck.run_cost_usd else ""
+    return f"{interval_s:.0f} s{steps}, overhead {fraction * 100:.2g}%{usd}"
+
+
+def _render_checkpoint(ck: CheckpointPlan) -> list[str]:
+    used = (_cost(ck, ck.interval_s) if ck.interval_s is not None
+            else "its cost needs a step time (n/a on CPU)")
+    sync = ([] if ck.async_save else
+            ["                  checkpoint.async_save=false: training also waits for the write, "
+             "which this stall leaves out"])
+    return [
+        f"  checkpoint      {_bytes(ck.size_bytes)} per save ({STATE_BYTES_PER_ELEMENT} bytes per "
+        f"parameter); at "
+        f"{ck.world_size} workers {_bytes(ck.bytes_per_rank_mean)} per rank mean, "
+        f"{_bytes(ck.bytes_per_rank_max)} max ({ck.bytes_per_rank_max / ck.bytes_per_rank_mean:.2f}x)",
+        "                  each rank writes its share, copied first into host buffers it keeps",
+        f"  save stall      {ck.stall_s:.3g} s: the largest share copied to host at "
+        f"{ck.copy_gb_per_s:g} GB/s (checkpoint.assumed_copy_gb_per_s)",
+        f"  save interval   Young-Daly sqrt(2 x stall x cluster MTBF {ck.cluster_mtbf_s / 3600:,.1f} h) "
+        f"= {_cost(ck, ck.optimal_interval_s)}",
+        f"                  cluster MTBF = cluster.node_mtbf_hours {ck.node_mtbf_hours:,.0f} / "
+        f"{ck.nodes} nodes",
+        f"                  checkpoint.every_steps={ck.configured}: {used}",
+    ] + sync

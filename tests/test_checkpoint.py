@@ -267,6 +267,30 @@ def test_commit_refuses_pushed_files_that_do_not_match(any_store, tmp_path):
     assert not staging0.path.exists()
 
 
+def test_ranks_post_records_without_collectives_and_they_stay_out_of_the_checkpoint(any_store, tmp_path):
+    """What a background commit uses instead of gather_object: records through the store."""
+    host0 = CheckpointStore(any_store, staging_root=tmp_path / "host0")
+    host1 = CheckpointStore(any_store, staging_root=tmp_path / "host1")
+    staging0 = host0.begin(7)
+    staging1 = host1.attach(staging0.token)
+    staging1.file("rank1.bin").write_bytes(b"r1" * 700)
+    pushed = [e.to_json() for e in host1.push(staging1, ["rank1.bin"])]
+    host1.post(staging1, 2, {"rank": 2, "entries": []})
+    host1.post(staging1, 1, {"rank": 1, "entries": pushed})
+    records = host0.collect(staging0, [1, 2], timeout_s=10)
+    assert [r["rank"] for r in records] == [1, 2] and records[0]["entries"] == pushed
+    ckpt = host0.commit(staging0, world_size=3, pushed=[e for r in records for e in r["entries"]])
+    assert [e.path for e in ckpt.manifest.files] == ["rank1.bin"]
+    assert any_store.list() == [f"{step_dir(7)}/{MANIFEST_NAME}", f"{step_dir(7)}/rank1.bin"]
+
+
+def test_collect_gives_up_naming_the_ranks_that_posted_nothing(ckpts):
+    staging = ckpts.begin(3)
+    ckpts.post(staging, 1, {"rank": 1})
+    with pytest.raises(CheckpointCommitError, match=r"1 rank\(s\) posted no record .*rank-00002"):
+        ckpts.collect(staging, [1, 2], timeout_s=0.2)
+
+
 # ----------------------------------------------------------------------------- retention
 
 

@@ -57,7 +57,11 @@ def _numeric_patterns(tp, prefix: str = "") -> typing.Iterator[str]:
     """Every int/float field of the schema as limits.RANGES spells it."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if set(args) & {int, float}:      # a number, or a word such as checkpoint.every_steps=auto
+            yield prefix
+            return
+        (tp,) = args
         origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         for name, hint in typing.get_type_hints(tp).items():
@@ -99,6 +103,12 @@ BAD = [
     (["data.num_tokenize_workers=1000000"], "data.num_tokenize_workers", "at most 1024"),
     (["serve.max_replicas=100000"], "serve.max_replicas", "at most 1024"),
     (["checkpoint.keep_last=1000000000"], "checkpoint.keep_last", "at most"),
+    (["checkpoint.every_steps=0"], "checkpoint.every_steps", "at least 1, got 0 (or auto"),
+    (["checkpoint.every_steps=often"], "checkpoint.every_steps", "a number of steps or auto"),
+    (["checkpoint.assumed_copy_gb_per_s=0"], "checkpoint.assumed_copy_gb_per_s", "greater than 0"),
+    (["cluster.node_mtbf_hours=-1"], "cluster.node_mtbf_hours", "greater than 0"),
+    (["model.n_layers=1024", "model.moe_num_experts=1024"], "model.moe_num_experts",
+     "1,048,576 expert tensors; at most 65,536"),
     (["train.seed=4294967296"], "train.seed", "at most 4294967295"),
     (["cluster.node_memory_mb=100"], "cluster.node_memory_mb", "at least 256"),
     ([f"tracking.experiment={'x' * 5000}"], "tracking.experiment", "the limit is 4096"),

@@ -451,6 +451,7 @@ def test_local_tiny_run_logs_a_bounded_set_of_metric_keys(tmp_path, empty_mlflow
     from platform.config import load_job
     from platform.layout import layout_for
     from platform.tracking import STEP_TIME_KEYS, TIME_FWD_BWD
+    from platform.train.checkpointing import SaveReport
     from platform.train.metrics import MetricsSink
     from platform.train.step import StepStats
 
@@ -472,7 +473,9 @@ def test_local_tiny_run_logs_a_bounded_set_of_metric_keys(tmp_path, empty_mlflow
                   mixture={s.name: 8 for s in cfg.data.sources})
         if step % 6 == 0:                                 # eval and checkpoint
             sink.evaluated(step, 9.1)
-            sink.checkpointed(step, 0.3, preempted=True)
+            sink.checkpointed(step, 0.03, preempted=True)  # the stall; the save goes on
+            sink.checkpoint_done(SaveReport(step, total_s=1.2, bytes=232_000_000, rank_mb_per_s=250.0,
+                                            error="rank 1: OSError: disk full" if step == 12 else None))
     sink.close()
 
     client = mlflow_client(cfg)
@@ -482,6 +485,9 @@ def test_local_tiny_run_logs_a_bounded_set_of_metric_keys(tmp_path, empty_mlflow
     assert not [k for k in keys if k.startswith("expert_load/") and k.split("/")[-1].startswith("e")]
     assert set(STEP_TIME_KEYS) <= keys                    # the step-time breakdown, keys unchanged
     assert [m.value for m in client.get_metric_history(run_id, TIME_FWD_BWD)] == [0.8] * 12
+    saved = {"checkpoint/total_s", "checkpoint/bytes", "checkpoint/rank_mb_per_s"}
+    assert saved | {"events.checkpoint_failed"} <= keys   # per save; a failed one is an event
+    assert [m.step for m in client.get_metric_history(run_id, "checkpoint/total_s")] == [6]
     busiest = client.get_metric_history(run_id, "expert_load/layer01/max_over_uniform")
     assert [m.step for m in busiest] == list(range(1, 13)) and busiest[-1].value > 15
 

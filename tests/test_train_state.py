@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 import _dist_train
-from platform.checkpoint import load_tensors
-from platform.checkpoint.trainer_state import read_trainer_state
+from platform.checkpoint import CheckpointStore, read_tensor_index
+from platform.checkpoint.trainer_state import read_trainer_state, state_tensors
 from platform.provision.head import free_local_port as _port
 
 
@@ -20,26 +20,31 @@ def _run(world, zero, *, load="", save="", steps=0, losses=""):
              nprocs=world, join=True)
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in read_trainer_state(directory).tensor_sets:
-        out.update(load_tensors(directory, name))
-    return out
+def _latest(root: Path) -> Path:
+    """The folder of the newest checkpoint a run committed under `root`."""
+    return CheckpointStore(str(root)).latest_valid()[0].local_path
+
+
+def _stored_keys(directory: Path) -> set[str]:
+    return {k for name in read_trainer_state(directory).tensor_sets for k in read_tensor_index(directory, name)}
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_expert_parallel_matches_one_process_and_reshards_exactly(tmp_path, zero):
-    one, two, back = tmp_path / "one", tmp_path / "two", tmp_path / "two_on_one"
-    _run(1, zero, save=one, steps=2)
-    _run(2, zero, save=two, steps=2)               # experts split in two (EP=2) over gloo
-    a, b = _tensors(one), _tensors(two)
+    _run(1, zero, save=tmp_path / "one", steps=2)
+    _run(2, zero, save=tmp_path / "two", steps=2)     # experts split in two (EP=2) over gloo
+    two = _latest(tmp_path / "two")
+    a, b = state_tensors(_latest(tmp_path / "one")), state_tensors(two)
     assert a.keys() == b.keys()
     assert any("::exp_avg" in k for k in a) and any(".expert0003" in k for k in a)
+    assert any(".rows" in k for k in _stored_keys(two))   # dense state in row ranges
+    assert len(read_trainer_state(two).tensor_sets) == 4  # written by both ranks
     for key in a:  # weights and Adam moments after two steps, routing skewed to few experts
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
 
-    _run(1, zero, load=two, save=back, steps=0)    # EP=2 checkpoint loaded on 1 worker (EP=1)
-    c = _tensors(back)
+    _run(1, zero, load=tmp_path / "two", save=tmp_path / "back", steps=0)   # EP=2 loaded on 1 worker
+    back = _latest(tmp_path / "back")
+    c = state_tensors(back)
     for key in b:
         assert torch.equal(c[key], b[key]), key
     state = read_trainer_state(back)
@@ -56,3 +61,54 @@ def test_resume_on_fewer_workers_continues_the_same_losses(tmp_path):
     assert len(one) == len(two) == 5
     for l1, l2 in zip(one, two):
         assert abs(l1 - l2) / abs(l2) < 1e-3
+
+
+# ----------------------------------------------------------------------------- format, in process
+
+
+def _state(trainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        out[name] = p.detach().clone()
+        out.update({f"{name}::{k}": v.clone() for k, v in trainer.opt.state[p].items() if k != "step"})
+    return out
+
+
+def test_row_ranges_and_format_1_whole_tensors_load_alike(tmp_path, random_model):
+    """Dense state cut in row ranges loads exactly; so does a format-1 checkpoint (every
+    dense tensor whole, as rank 0 wrote them before), already on disk in older runs."""
+    from platform.checkpoint.trainer_state import TRAINER_FILE, consolidated_weights, load_state
+
+    cfg = _dist_train.tiny_job(0).model
+    source = _dist_train.PlainTrainer(random_model(cfg, seed=1))
+    source.step()
+    for name, chunk in (("cut", 8 << 10), ("whole", 1 << 40)):
+        saver = source.checkpointer(CheckpointStore(str(tmp_path / name)), async_save=False, chunk_bytes=chunk)
+        saver.save(1, consumed_sequences=8, extra={})
+    cut, whole = _latest(tmp_path / "cut"), _latest(tmp_path / "whole")
+    state = json.loads((whole / TRAINER_FILE).read_text())
+    (whole / TRAINER_FILE).write_text(json.dumps({**state, "format_version": 1}))
+    assert any(".rows" in k for k in _stored_keys(cut)) and not any(".rows" in k for k in _stored_keys(whole))
+
+    for folder in (cut, whole):
+        target = _dist_train.PlainTrainer(random_model(cfg, seed=2))
+        target.step()
+        load_state(folder, target.eng, target.model, rank=0, world_size=1)
+        loaded, expected = _state(target), _state(source)
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+        weights = consolidated_weights(folder, cfg.moe_num_experts)
+        assert all(torch.equal(weights[n], p) for n, p in source.model.state_dict().items())
+
+
+def test_row_ranges_must_tile_their_tensor():
+    from platform.checkpoint.keys import logical_keys, rows_key
+
+    assert logical_keys([rows_key("w", 4, 9), rows_key("w", 0, 4), "b"]) == {
+        "w": [rows_key("w", 0, 4), rows_key("w", 4, 9)], "b": ["b"]}
+    with pytest.raises(ValueError, match="do not tile"):
+        logical_keys([rows_key("w", 0, 4), rows_key("w", 5, 9)])       # a gap
+    with pytest.raises(ValueError, match="do not tile"):
+        logical_keys([rows_key("w", 0, 5), rows_key("w", 4, 9)])       # an overlap
+    with pytest.raises(ValueError, match="both whole and in row ranges"):
+        logical_keys(["w", rows_key("w", 0, 9)])

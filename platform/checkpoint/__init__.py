@@ -7,8 +7,10 @@ job's checkpoints on any `platform.storage` Store (local folder or S3); see
 `save_tensors` / `load_tensors` give the world-size-independent tensor
 format, `rng_state` / `set_rng_state` the generator state, both pickle-free.
 `platform.checkpoint.trainer_state` lays a training run out in them (what
-training resumes from, promotion exports and serving loads); it imports
-torch, so it is not re-exported here: importing this package does not.
+training resumes from, promotion exports and serving loads), with
+`placement` (which rank writes what), `snapshot` (the copy out of the engine
+that training waits for) and `keys` (tensor names); it imports torch, so it
+is not re-exported here: importing this package does not.
 """
 
 from platform.checkpoint.commit import Staging

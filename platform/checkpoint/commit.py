@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
+RECORDS_DIR = ".ranks"
 _IO_THREADS = 8
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,6 +109,10 @@ class CommitStrategy(abc.ABC):
         """Before a new attempt at `step`: take down what is committed there, if it must go first."""
 
     @abc.abstractmethod
+    def records(self, staging: Staging) -> tuple[Store, str]:
+        """(store, folder) where ranks leave their records of an attempt for rank 0."""
+
+    @abc.abstractmethod
     def publish(self, staging: Staging, relpath: str) -> None:
         """A rank pushed this hashed file: move it towards its committed place."""
 
@@ -142,6 +147,10 @@ class LocalCommit(CommitStrategy):
 
     def withdraw(self, step: int) -> None:
         """Nothing: the commit's rename replaces the old checkpoint."""
+
+    def records(self, staging: Staging) -> tuple[Store, str]:
+        """In the staging folder, which every rank sees (a shared root)."""
+        return LocalStore(staging.path), RECORDS_DIR
 
     def publish(self, staging: Staging, relpath: str) -> None:
         """Nothing: the file is committed where it lies."""
@@ -207,6 +216,10 @@ class ObjectStoreCommit(CommitStrategy):
             log.warning("replacing existing checkpoint %s/%s", self.root.uri, name)
             self.root.delete(f"{name}/{MANIFEST_NAME}")
         self.root.delete_prefix(name)
+
+    def records(self, staging: Staging) -> tuple[Store, str]:
+        """Beside the attempt's uploads (stagings are host-local), invisible without a manifest."""
+        return self.root.child(step_dir(staging.step)), f"{RECORDS_DIR}/{staging.token}"
 
     def publish(self, staging: Staging, relpath: str) -> None:
         """Upload it and delete the local copy."""

@@ -24,6 +24,12 @@ pushed=entries)` after a barrier. Pushing spreads hashing and upload over
 all ranks; rank 0 checks sizes and only hashes what nobody pushed. On a
 single host ranks may skip `push` entirely: rank 0 hashes everything.
 A job has one committer at a time (Ray Train runs one worker group).
+
+Without collectives (a save committed off the training thread, where no
+torch.distributed call may run): each rank `post`s its pushed entries and
+whatever else rank 0 needs as a small JSON record of the attempt, and rank 0
+`collect`s every rank's record (waiting up to a timeout) before it commits or
+aborts. Records live with the attempt and never become part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -189,6 +195,35 @@ class CheckpointStore:
             ckpt.step, len(manifest.files), manifest.total_size / 1e6, ckpt.uri,
         )
         return ckpt
+
+    def post(self, staging: Staging, rank: int, record: Mapping[str, Any]) -> None:
+        """Leave this rank's record (plain JSON) of the attempt for rank 0's `collect`."""
+        store, folder = self._strategy.records(staging)
+        store.write_bytes(f"{folder}/rank-{rank:05d}.json", json.dumps(record).encode())
+
+    def collect(self, staging: Staging, ranks: Iterable[int], timeout_s: float,
+                poll_s: float = 0.05) -> list[dict[str, Any]]:
+        """The records `ranks` posted for this attempt, in that order, once all are there.
+
+        Removes them (they are not part of the checkpoint). Raises
+        CheckpointCommitError naming the missing ranks after `timeout_s`.
+        """
+        store, folder = self._strategy.records(staging)
+        names = [f"{folder}/rank-{rank:05d}.json" for rank in ranks]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = sorted(set(names) - set(store.list(folder)))
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointCommitError(
+                    f"step {staging.step}: {len(missing)} rank(s) posted no record after {timeout_s:g} s "
+                    f"({', '.join(m.rsplit('/', 1)[-1] for m in missing[:5])})")
+            time.sleep(poll_s)
+            poll_s = min(2 * poll_s, 0.25)
+        records = [json.loads(store.read_bytes(name)) for name in names]
+        store.delete_prefix(folder)
+        return records
 
     def abort(self, staging: Staging) -> None:
         """Drop an attempt: its local folder and, on S3, anything already pushed."""

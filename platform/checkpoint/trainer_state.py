@@ -2,29 +2,24 @@
 
 DeepSpeed's checkpoints are tied to the data-parallel size they were written
 at, and its universal converter fails on MoE models, so elastic resume saves
-each parameter and its Adam moments *in full*, keyed by global names:
+each parameter and its Adam moments *in full*, keyed by global names
+(platform.checkpoint.keys):
 
-    model-rNNNNN-*.safetensors   fp32 master weights
+    model-rNNNNN-*.safetensors   fp32 master weights written by rank NNNNN
     optim-rNNNNN-*.safetensors   Adam exp_avg / exp_avg_sq, same keys + "::exp_avg" ...
     trainer.json                 step, data position, Adam step, RNG per rank, layout
 
-Dense parameters are written once (global rank 0). Expert weights are stacked
-[experts*ffn, d_model] per layer; each expert is stored as its own tensor
-(`<name>.expert0007`), written by the first replica of its shard (ranks
-0..ep-1 with DeepSpeed's group ordering). Loading picks the experts a rank
-holds at the *new* expert-parallel degree, so 2 workers with experts split in
-two resume on 1 worker holding all 16, and the other way round.
+Every rank writes a fair share (platform.checkpoint.placement): dense
+parameters in row ranges (`<name>.rowsA-B`, or the plain name when a range is
+the whole tensor), each expert as its own tensor (`<name>.expert0007`) by one
+rank holding it. Loading joins row ranges and picks the experts a rank holds
+at the *new* expert-parallel degree, so 2 workers with experts split in two
+resume on 1 worker holding all 16, and the other way round; checkpoints of
+format 1 (dense state whole, written by rank 0) load the same way.
 
-Reading a full parameter out of ZeRO 1/2 partitions is a collective
-(`safe_get_full_*` all-reduce over the parameter's data-parallel group), so
-every rank walks every parameter in the same order; only owners keep them.
-Cost: one all-reduce of every parameter and moment per save, and rank 0 holds
-the dense parameters' fp32 state on CPU while writing (experts are spread
-over the first `ep` ranks).
-
-The engine is duck-typed (`basic_optimizer`, `engine.optimizer`, as
-`platform.train.engine.Engine` has them) so the format depends on DeepSpeed
-and torch only, never on the training package.
+Taking the state out of the engine is `platform.checkpoint.snapshot`; this
+module writes a snapshot into files and reads checkpoints back. Saving
+(rank records, commit, in the background) is platform.train.checkpointing.
 """
 
 from __future__ import annotations
@@ -32,17 +27,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from platform.checkpoint.rng import rng_state, set_rng_state
+from platform.checkpoint.keys import expert_key, logical_keys
+from platform.checkpoint.rng import set_rng_state
+from platform.checkpoint.snapshot import MOMENTS, Snapshot, link_optimizer_state, params
 from platform.checkpoint.tensors import load_tensors, read_tensor_index, save_tensors
-from platform.collectives import gather
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 TRAINER_FILE = "trainer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: dense state in row ranges over all ranks; 1: dense state whole (rank 0)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -61,92 +57,44 @@ class TrainerState:
 
     @classmethod
     def from_json(cls, data: dict) -> "TrainerState":
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"unknown trainer state format {data.get('format_version')!r}")
         data = {k: v for k, v in data.items() if k != "format_version"}
         return cls(**data)
 
 
-def expert_key(name: str, expert: int) -> str:
-    """The key of expert `expert`'s rows of the stacked expert parameter `name`."""
-    return f"{name}.expert{expert:04d}"
+def write_snapshot(directory: Path, snapshot: Snapshot, rank: int) -> tuple[list[str], list[str]]:
+    """Write a rank's snapshot as its tensor sets; returns (set names, files written)."""
+    if not snapshot.weights:
+        return [], []
+    sets = [f"model-r{rank:05d}", f"optim-r{rank:05d}"]
+    files = save_tensors(directory, sets[0], snapshot.weights)
+    files += save_tensors(directory, sets[1], snapshot.moments)
+    return sets, files
 
 
-def _params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, bool]]:
-    """(global name, parameter, is_expert) in a fixed order; the same on every rank."""
-    experts = {id(p) for p in model.expert_parameters()}
-    for name, p in model.named_parameters():
-        yield name, p, id(p) in experts
+@dataclass(frozen=True)
+class RankPart:
+    """What rank 0 needs from every rank to write trainer.json."""
+
+    rank: int
+    sets: list[str]
+    rng: dict[str, Any]
 
 
-def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping") else None
-    return (p.detach() if value is None else value).float()
-
-
-def _full_moment(p: torch.nn.Parameter, key: str, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if hasattr(p, "_hp_mapping"):
-        return safe_get_full_optimizer_state(p, key).float()
-    return optimizer.state[p][key].detach().float()
-
-
-def _split_experts(name: str, value: torch.Tensor, local_experts: range) -> dict[str, torch.Tensor]:
-    chunks = value.chunk(len(local_experts), dim=0)
-    return {expert_key(name, e): c.contiguous() for e, c in zip(local_experts, chunks)}
-
-
-def _adam_step(optimizer: torch.optim.Optimizer) -> int:
-    for state in optimizer.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def save_state(directory: Path, engine, model, *, rank: int, world_size: int, ep: int,
-               step: int, consumed_sequences: int, extra: dict[str, Any]) -> list[str]:
-    """Write this rank's share of the state into `directory` (collective).
-
-    Every rank calls this; rank 0 also writes trainer.json. Returns the files
-    this rank wrote, relative to `directory`.
-    """
-    optimizer = engine.basic_optimizer
-    _link_optimizer_state(engine)
-    owns_dense = rank == 0
-    owns_experts = rank < ep if ep > 1 else rank == 0
-    local_experts = model.local_experts
-    weights: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
-    for name, p, is_expert in _params(model):
-        value = _full_param(p)
-        moms = {k: _full_moment(p, k, optimizer) for k in MOMENTS}
-        if is_expert and owns_experts:
-            weights.update(_split_experts(name, value, local_experts))
-            for k, m in moms.items():
-                moments.update(_split_experts(f"{name}::{k}", m, local_experts))
-        elif not is_expert and owns_dense:
-            weights[name] = value
-            moments.update({f"{name}::{k}": m for k, m in moms.items()})
-    sets: list[str] = []
-    files: list[str] = []
-    if weights:
-        files += save_tensors(directory, f"model-r{rank:05d}", weights)
-        files += save_tensors(directory, f"optim-r{rank:05d}", moments)
-        sets = [f"model-r{rank:05d}", f"optim-r{rank:05d}"]
-    gathered = gather({"sets": sets, "rng": rng_state(), "rank": rank})
-    if rank != 0:
-        return files
+def write_trainer_state(directory: Path, parts: Sequence[RankPart], *, step: int,
+                        consumed_sequences: int, adam_step: int, world_size: int, ep: int,
+                        extra: Mapping[str, Any]) -> str:
+    """Write trainer.json from every rank's part (rank 0); returns its file name."""
     state = TrainerState(
-        step=step, consumed_sequences=consumed_sequences, adam_step=_adam_step(optimizer),
+        step=step, consumed_sequences=consumed_sequences, adam_step=adam_step,
         world_size=world_size, expert_parallel=ep,
-        tensor_sets=sorted(s for g in gathered for s in g["sets"]),
-        rng={str(g["rank"]): g["rng"] for g in gathered}, extra=extra,
+        tensor_sets=sorted(s for part in parts for s in part.sets),
+        rng={str(part.rank): part.rng for part in sorted(parts, key=lambda p: p.rank)},
+        extra=dict(extra),
     )
-    (directory / TRAINER_FILE).write_text(json.dumps(state.to_json()) + "\n")
-    return files + [TRAINER_FILE]
+    (Path(directory) / TRAINER_FILE).write_text(json.dumps(state.to_json()) + "\n")
+    return TRAINER_FILE
 
 
 def read_trainer_state(directory: Path) -> TrainerState:
@@ -163,41 +111,39 @@ def _ensure_optimizer_state(engine, adam_step: int) -> None:
                 for k in MOMENTS:
                     state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] = torch.tensor(float(adam_step))
-    _link_optimizer_state(engine)
+    link_optimizer_state(engine)
 
 
-def _link_optimizer_state(engine) -> None:
-    """Point ZeRO's per-parameter views at Adam's state.
+class _Reader:
+    """Logical tensors (row ranges joined) of some tensor sets of a checkpoint folder."""
 
-    DeepSpeed links them once, right after stepping the first parameter group,
-    so with several groups (decay, no-decay, expert groups) the later groups'
-    views stay empty; relinking every time is cheap (views, no copies).
-    """
-    opt = engine.engine.optimizer
-    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        opt._hp_optimizer_states_linked = False
-        link()
+    def __init__(self, directory: Path, sets: Sequence[str]) -> None:
+        self.directory = Path(directory)
+        self.set_of: dict[str, str] = {}
+        for name in sets:
+            self.set_of.update({key: name for key in read_tensor_index(self.directory, name)})
+        self.pieces = logical_keys(self.set_of)
+
+    def keys(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def load(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        missing = [k for k in keys if k not in self.pieces]
+        if missing:
+            raise KeyError(f"checkpoint at {self.directory} has no tensor {missing[0]!r}; was it "
+                           "saved from a different model config?")
+        by_set: dict[str, list[str]] = {}
+        for key in keys:
+            for piece in self.pieces[key]:
+                by_set.setdefault(self.set_of[piece], []).append(piece)
+        loaded: dict[str, torch.Tensor] = {}
+        for name, wanted in by_set.items():
+            loaded.update(load_tensors(self.directory, name, names=wanted))
+        return [_join([loaded[p] for p in self.pieces[k]]) for k in keys]
 
 
-def _key_index(directory: Path, sets: list[str]) -> dict[str, str]:
-    index: dict[str, str] = {}
-    for name in sets:
-        index.update({key: name for key in read_tensor_index(directory, name)})
-    return index
-
-
-def _load(directory: Path, index: dict[str, str], keys: list[str]) -> list[torch.Tensor]:
-    by_set: dict[str, list[str]] = {}
-    for key in keys:
-        if key not in index:
-            raise KeyError(f"checkpoint at {directory} has no tensor {key!r}; was it saved "
-                           "from a different model config?")
-        by_set.setdefault(index[key], []).append(key)
-    loaded: dict[str, torch.Tensor] = {}
-    for name, wanted in by_set.items():
-        loaded.update(load_tensors(directory, name, names=wanted))
-    return [loaded[k] for k in keys]
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
 def load_state(directory: Path, engine, model, *, rank: int, world_size: int) -> TrainerState:
@@ -205,19 +151,18 @@ def load_state(directory: Path, engine, model, *, rank: int, world_size: int) ->
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     state = read_trainer_state(directory)
-    index = _key_index(Path(directory), state.tensor_sets)
+    reader = _Reader(Path(directory), state.tensor_sets)
     _ensure_optimizer_state(engine, state.adam_step)
     optimizer = engine.basic_optimizer
     local_experts = model.local_experts
     with torch.no_grad():
-        for name, p, is_expert in _params(model):
+        for name, p, is_expert in params(model):
             names = [name, *(f"{name}::{k}" for k in MOMENTS)]
             if is_expert:
-                parts = [_load(directory, index, [expert_key(n, e) for e in local_experts])
-                         for n in names]
+                parts = [reader.load([expert_key(n, e) for e in local_experts]) for n in names]
                 value, *moms = [torch.cat(chunks, dim=0) for chunks in parts]
             else:
-                value, *moms = _load(directory, index, names)
+                value, *moms = reader.load(names)
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model "
                                  f"{tuple(p.shape)}; the model config changed")
@@ -234,20 +179,24 @@ def load_state(directory: Path, engine, model, *, rank: int, world_size: int) ->
     return state
 
 
+def state_tensors(directory: Path, kind: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint under its logical key, row ranges joined (experts stay
+    one key each); `kind` "model" or "optim" limits it to weights or moments."""
+    sets = [s for s in read_trainer_state(directory).tensor_sets if s.startswith(kind)]
+    reader = _Reader(Path(directory), sets)
+    keys = reader.keys()
+    return dict(zip(keys, reader.load(keys)))
+
+
 def consolidated_weights(directory: Path, num_experts: int) -> dict[str, torch.Tensor]:
     """The model's full state dict (all experts stacked) from a checkpoint of any layout.
 
     This is what promotion exports and serving loads: a single-process DBRX
     with expert-parallel degree 1 takes it with `load_state_dict`.
     """
-    directory = Path(directory)
-    state = read_trainer_state(directory)
-    index = _key_index(directory, [s for s in state.tensor_sets if s.startswith("model-")])
-    names = sorted(index)
-    weights = dict(zip(names, _load(directory, index, names)))
     out: dict[str, torch.Tensor] = {}
     stacked: dict[str, list] = {}
-    for key, value in weights.items():
+    for key, value in state_tensors(directory, "model").items():
         base, sep, expert = key.rpartition(".expert")
         if sep and expert.isdigit():
             stacked.setdefault(base, [None] * num_experts)[int(expert)] = value

@@ -35,8 +35,9 @@ _MISSING = object()
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
     if origin in (list, typing.List):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin in (dict, typing.Dict):
@@ -78,11 +79,14 @@ def build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        if value is None:
-            problems.append(Problem(path, f"must be {_type_name(inner)}, got null"))
+        inner = [a for a in args if a is not type(None)]
+        # A union of scalars (checkpoint.every_steps: an integer or "auto") takes the first
+        # type the value has; validate checks which strings mean something.
+        fits = [a for a in inner if len(inner) == 1 or _is_scalar_of(a, value)]
+        if value is None or not fits:
+            problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(path, value)}"))
             return _MISSING
-        return build(inner, value, path, problems)
+        return build(fits[0], value, path, problems)
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path, problems)
     if origin in (list, typing.List):
@@ -109,13 +113,7 @@ def build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
             else:
                 out[str(k)] = build(val_tp, v, f"{path}.{k}", problems)
         return {k: v for k, v in out.items() if v is not _MISSING}
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-    )
-    if not ok:
+    if not _is_scalar_of(tp, value):
         problems.append(Problem(path, f"must be {_type_name(tp)}, got {_describe(path, value)}"))
         return _MISSING
     problem = _scalar_problem(tp, value)
@@ -123,6 +121,16 @@ def build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
         problems.append(Problem(path, problem))
         return _MISSING
     return float(value) if tp is float else value
+
+
+def _is_scalar_of(tp: Any, value: Any) -> bool:
+    """Whether `value` is a scalar of type `tp` (an int counts as a float; a bool as neither)."""
+    return (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
 
 
 def _scalar_problem(tp: Any, value: Any) -> str | None:

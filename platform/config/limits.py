@@ -33,6 +33,10 @@ ITEMS = {
 }
 
 DAY_S = 86400.0
+# Experts over all layers (n_layers x moe_num_experts). A checkpoint stores each one as its own
+# tensors and the plan places each on a writer, so their number is bounded like any size
+# (DeepSeek-V3 has 61 x 256 = 15,616).
+MAX_LAYER_EXPERTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ RANGES: dict[str, Range] = {
     "cluster.node_join_timeout_s": _positive(DAY_S),
     "cluster.resize_check_interval_s": _positive(DAY_S),
     "cluster.worker_start_timeout_s": _positive(DAY_S),
+    "cluster.node_mtbf_hours": _positive(1e7, "hours between unexpected failures of one node"),
     # data
     "data.sources[].weight": _WEIGHT,
     "data.curriculum[].start_step": _count(0, _STEPS),
@@ -142,7 +147,8 @@ RANGES: dict[str, Range] = {
     "train.eval_batches": _count(1, 100_000),
     "train.assumed_mfu": Range(0, 1, lo_open=True),
     # checkpoint
-    "checkpoint.every_steps": _count(1, _STEPS),
+    "checkpoint.every_steps": _count(1, _STEPS, "or auto for the plan's Young-Daly interval"),
+    "checkpoint.assumed_copy_gb_per_s": _positive(1e4, "GB/s a rank copies from device to host"),
     "checkpoint.keep_last": _count(1, 10_000),
     # tracking, promotion, serving
     "tracking.ui_port": _PORT,

@@ -18,7 +18,7 @@ import re
 from typing import Callable, Iterator
 
 from platform.config.build import Problem
-from platform.config.limits import PROVIDER_MAX_NODES, RANGES
+from platform.config.limits import MAX_LAYER_EXPERTS, PROVIDER_MAX_NODES, RANGES
 from platform.config.rules import JOB_NAME, describe, name_problem, uri_problem
 from platform.config.schema import JobConfig
 
@@ -53,6 +53,7 @@ def validate(cfg: JobConfig) -> list[Problem]:
     if "model" not in broken:
         for field, message in cfg.model.problems():
             bad(f"model.{field}", message)
+        _check_layer_experts(cfg, bad)
     checks = {"cluster": _check_cluster, "train": _check_train, "data": _check_data,
               "checkpoint": _check_checkpoint, "tracking": _check_tracking,
               "promote": _check_promote, "serve": _check_serve}
@@ -62,6 +63,17 @@ def validate(cfg: JobConfig) -> list[Problem]:
     if not any(p.path.startswith(_LAYOUT_INPUTS) for p in problems):
         _check_layout(cfg, bad)
     return problems
+
+
+def _check_layer_experts(cfg: JobConfig, bad: Bad) -> None:
+    """Each expert of each layer is its own checkpoint tensor, placed one by one by the plan:
+    their number is bounded, though layers and experts are each in range."""
+    m = cfg.model
+    if m.n_layers * m.moe_num_experts > MAX_LAYER_EXPERTS:
+        bad("model.moe_num_experts", f"{m.n_layers} layers x {m.moe_num_experts} experts = "
+                                     f"{m.n_layers * m.moe_num_experts:,} expert tensors; at most "
+                                     f"{MAX_LAYER_EXPERTS:,} (a checkpoint stores each one): "
+                                     "use fewer experts or layers")
 
 
 def _group(path: str) -> str:
@@ -230,6 +242,21 @@ def _check_checkpoint(cfg: JobConfig, bad: Bad) -> None:
         bad("checkpoint.uri", "set a local directory or an s3://bucket/prefix")
     _check_uri(bad, "checkpoint.uri", c.uri, schemes=("s3", "file"))
     _check_uri(bad, "checkpoint.s3_endpoint_url", c.s3_endpoint_url, schemes=("http", "https"))
+    _check_every_steps(cfg, bad)
+
+
+def _check_every_steps(cfg: JobConfig, bad: Bad) -> None:
+    """A number of steps (its range is in limits) or "auto", which needs the plan's step time."""
+    from platform.plan import AUTO, has_step_time
+
+    every = cfg.checkpoint.every_steps
+    if isinstance(every, str) and every != AUTO:
+        bad("checkpoint.every_steps", f"{describe(every)} must be a number of steps or {AUTO} "
+                                      "(the plan's Young-Daly interval)")
+    elif every == AUTO and not has_step_time(cfg):
+        bad("checkpoint.every_steps", f"{AUTO} needs the plan's step time, which CPU nodes do "
+                                      "not have (their speed is measured, not rated): give a "
+                                      "number of steps, e.g. checkpoint.every_steps=25")
 
 
 def _check_tracking(cfg: JobConfig, bad: Bad) -> None:

@@ -192,7 +192,9 @@ class Controller:
         storage = os.path.join(state_dir(), "ray-train")
         last: dict = {}
         try:
-            with ProgressBar(board, self.plan.total_steps) as bar:
+            # The bar starts where the workers resume: a resubmitted or restarted run does
+            # not count its checkpointed steps again.
+            with ProgressBar(board, self.plan.total_steps, start=self._committed_step()) as bar:
                 result = run_training(self.cfg, run_id=res.run_id, data_path=state.data_path,
                                       total_steps=self.plan.total_steps, storage_path=storage,
                                       progress_actor=board, stop_after_step=self.stop_after_step,

@@ -15,7 +15,7 @@ from __future__ import annotations
 TIME_DATA_WAIT = "time/data_wait_s"     # waiting for the next batch (loading, host to device)
 TIME_FWD_BWD = "time/fwd_bwd_s"         # forward and backward over all micro-batches
 TIME_OPTIMIZER = "time/optimizer_s"     # gradient clipping and the optimizer step
-TIME_CHECKPOINT = "time/checkpoint_s"   # saving the checkpoint of this step
+TIME_CHECKPOINT = "time/checkpoint_s"   # training blocked by the save of this step (the stall)
 STEP_TIME_KEYS = (TIME_DATA_WAIT, TIME_FWD_BWD, TIME_OPTIMIZER, TIME_CHECKPOINT)
 
 # Per layer, each logged step: the busiest expert's share of the layer's tokens over

@@ -14,6 +14,7 @@ from typing import Optional
 
 from platform.config.schema import JobConfig
 from platform.layout import Layout
+from platform.train.checkpointing import SaveReport
 from platform.train.step import StepStats
 
 log = logging.getLogger("platform.train")
@@ -26,7 +27,8 @@ class NullSink:
     def step(self, step: int, stats: StepStats, *, lr: float, tokens_per_s: float, mfu: float,
              data_wait_s: float, mixture: dict[str, int]) -> None: ...
     def evaluated(self, step: int, eval_loss: float) -> None: ...
-    def checkpointed(self, step: int, seconds: float, preempted: bool) -> None: ...
+    def checkpointed(self, step: int, stall_s: float, preempted: bool) -> None: ...
+    def checkpoint_done(self, report: SaveReport) -> None: ...
     def close(self) -> None: ...
 
 
@@ -110,14 +112,23 @@ class MetricsSink(NullSink):
         if self.progress is not None:
             self.progress.report_eval.remote(eval_loss)
 
-    def checkpointed(self, step: int, seconds: float, preempted: bool) -> None:
+    def checkpointed(self, step: int, stall_s: float, preempted: bool) -> None:
+        """A checkpoint of `step` was taken; training waited `stall_s` for it (the write goes on)."""
         from platform.tracking import TIME_CHECKPOINT
 
-        self._log({TIME_CHECKPOINT: seconds}, step)
+        self._log({TIME_CHECKPOINT: stall_s}, step)
         if self.logger is not None:
             self.logger.log_expert_load(self.history, step=step)
         if preempted:
             self._event("preemption_checkpoint", step)
+
+    def checkpoint_done(self, report: SaveReport) -> None:
+        """A save ended: what it cost, or, if it failed, a `checkpoint_failed` event."""
+        if report.error is not None:
+            self._event("checkpoint_failed", report.step, error=report.error)
+            return
+        self._log({"checkpoint/total_s": report.total_s, "checkpoint/bytes": report.bytes,
+                   "checkpoint/rank_mb_per_s": report.rank_mb_per_s}, report.step)
 
     def close(self) -> None:
         if self.logger is not None:

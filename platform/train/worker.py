@@ -18,7 +18,7 @@ import torch
 from platform.collectives import any_rank
 from platform.config.schema import JobConfig
 from platform.layout import Layout, layout_for
-from platform.plan import effective_precision
+from platform.plan import checkpoint_every_steps, effective_precision
 from platform.train import checkpointing
 from platform.train.engine import build_job_engine, expert_parallel_group, lr_at
 from platform.train.metrics import MetricsSink
@@ -129,9 +129,12 @@ def train_worker(args: WorkerArgs) -> None:
     eng = build_job_engine(cfg, layout, model, bf16=effective_precision(cfg) == "bf16")
     _report_kernel(cfg, model, rank, device)
     store = checkpointing.open_checkpoints(cfg)
+    saver = checkpointing.Checkpointer(store, eng, model, rank=rank, world_size=world,
+                                       keep_last=cfg.checkpoint.keep_last,
+                                       async_save=cfg.checkpoint.async_save)
     data = TrainingData(cfg, args.data_path)
     rates = Throughput.for_job(cfg, world, device)
-    checkpoint_policy = CheckpointPolicy(cfg.checkpoint.every_steps, args.total_steps)
+    checkpoint_policy = CheckpointPolicy(checkpoint_every_steps(cfg), args.total_steps)
     eval_policy = EvalPolicy(cfg.train.eval_every_steps, args.total_steps)
     metrics = MetricsSink.for_rank(rank, cfg, args.total_steps, args.run_id, args.progress_actor)
     preempt = PreemptionWatch()
@@ -158,17 +161,21 @@ def train_worker(args: WorkerArgs) -> None:
                     metrics.evaluated(done, eval_loss)
             preempted = any_rank(preempt.pending())
             if checkpoint_policy.should_checkpoint(done, preempted):
-                seconds = checkpointing.save(
-                    store, eng, model, rank=rank, world_size=world, step=done,
-                    consumed_sequences=done * cfg.train.global_batch_size,
-                    extra={"run_id": args.run_id or "", "loss": stats.loss, "eval_loss": eval_loss,
-                           "data_cache_key": data.cache_key}, keep_last=cfg.checkpoint.keep_last)
-                metrics.checkpointed(done, seconds, preempted)
-                if preempted:
+                stall = saver.save(done, consumed_sequences=done * cfg.train.global_batch_size,
+                                   extra={"run_id": args.run_id or "", "loss": stats.loss,
+                                          "eval_loss": eval_loss, "data_cache_key": data.cache_key})
+                metrics.checkpointed(done, stall, preempted)
+                # A notice is answered once its checkpoint is visible; a failed one is retried.
+                if preempted and saver.wait():
                     preempt.handled()
+            for report in saver.finished():
+                metrics.checkpoint_done(report)
             step_began = time.perf_counter()   # evaluation and checkpoints stay out of throughput
             if args.stop_after_step is not None and done >= args.stop_after_step:
                 break
+        saver.wait()   # the job ends once its last checkpoint is visible
+        for report in saver.finished():
+            metrics.checkpoint_done(report)
     finally:
         preempt.close()
         metrics.close()
