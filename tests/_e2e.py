@@ -99,6 +99,18 @@ class Job:
             out[m.step] = m.value
         return out
 
+    def losses(self) -> dict[int, list[float]]:
+        """step -> every loss logged for it, in logging order (a resumed run re-trains the
+        steps after its checkpoint and logs them again)."""
+        run = self.find_run()
+        out: dict[int, list[float]] = {}
+        if run is None:
+            return out
+        for m in sorted(self.mlflow().get_metric_history(run.info.run_id, "loss"),
+                        key=lambda m: m.timestamp):
+            out.setdefault(m.step, []).append(m.value)
+        return out
+
     def history(self, key: str) -> list[float]:
         """Every logged value of `key`, in the order it was logged."""
         run = self.find_run()

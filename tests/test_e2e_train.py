@@ -17,8 +17,11 @@ import pytest
 
 from _e2e import TINY, Job, unigram_entropy, wait_for
 from _mlflow_server import MlflowServer, free_port
+from platform.checkpoint.manifest import step_dir
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# One xdist group: the jobs run one after another on one pytest worker while the other
+# worker takes the rest of the suite (README: the test command runs two).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("e2e")]
 
 
 def _cluster_processes(job: Job) -> list[str]:
@@ -72,77 +75,15 @@ def test_local_tiny_learns_and_leaves_nothing_running(tmp_path):
     assert "registered dbrx-tiny version 1 from step 157" in out   # promote.auto on the tiny job
 
 
-SHORT = ["cluster.min_nodes=2", "train.total_tokens=24576", "checkpoint.every_steps=3",
-         "train.eval_every_steps=1000", "promote.auto=false"]  # 12 steps on 2 workers; commits 3, 6, 9, 12
-STEPS = list(range(1, 13))
-
-
-class Reference:
-    """The uninterrupted SHORT run: its losses are what every faulted run must reproduce."""
-
-    def __init__(self, job: Job, server: MlflowServer) -> None:
-        self.job, self.server = job, server
-        self.losses = job.metric("loss")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The SHORT run, tracked on a real MLflow server that is down from step 1 until step 6
-    is checkpointed (so several steps' metrics, and a checkpoint, happen while it is down)."""
-    root = tmp_path_factory.mktemp("reference")
-    server = MlflowServer(root, free_port())
-    server.start()
-    try:
-        job = Job(root / "home", *SHORT, tracking_uri=server.url).start()
-        wait_for(lambda: job.proc.poll() is None and job.metric("loss"), 600, "the first logged step")
-        server.stop()                                            # MLflow stops answering mid-run
-        wait_for(lambda: job.proc.poll() is not None or 6 in job.committed_steps(), 600,
-                 "step 6 while MLflow is down")
-        server.start()                                           # and comes back
-        assert job.wait(900) == 0, job.output()[-4000:]
-        yield Reference(job, server)
-    finally:
-        server.stop()
-
-
-def assert_same_losses(got: dict[int, float], reference: Reference) -> None:
-    """Exact resume: every step's loss equals the uninterrupted run's (fp32 on CPU)."""
-    assert sorted(got) == STEPS
-    for step in STEPS:
-        want = reference.losses[step]
-        assert abs(got[step] - want) / abs(want) < 1e-5, (step, got, reference.losses)
+FAULTS = ["cluster.min_nodes=2", "train.total_tokens=49152", "checkpoint.every_steps=3",
+          "train.eval_every_steps=1000", "promote.auto=false"]   # 24 steps on 2 workers
+LAST = 24
 
 
 def events(job: Job, name: str) -> list[dict]:
     tags = job.run_info().data.tags
     return [json.loads(v) for k, v in sorted(tags.items())
             if k.startswith("event.") and k.endswith(f".{name}")]
-
-
-def test_mlflow_outage_mid_run_finishes_and_every_metric_arrives(reference):
-    job = reference.job
-    assert sorted(reference.losses) == STEPS                     # the steps logged while it was down too
-    for key in ("lm_loss", "grad_norm", "tokens_per_s", "world_size", "expert_load/layer03/cv"):
-        assert sorted(job.metric(key))[-12:] == STEPS, key
-    assert sorted(job.metric("time/checkpoint_s")) == [3, 6, 9, 12]
-    assert job.run_info().info.status == "FINISHED"
-    out = job.output()
-    assert "is unreachable" in out and "is reachable again" in out
-
-
-def test_resubmitting_a_finished_job_provisions_nothing_and_reports_its_end(reference):
-    done = reference.job
-    run_id = done.run_info().info.run_id
-    final = re.search(r"^job e2e: finished at step 12 on 2 worker\(s\), eval loss \S+$",
-                      done.output(), re.M).group(0)
-    again = Job(done.home, name=done.name, tracking_uri=done.tracking_uri)
-    again.ports, again.overrides = done.ports, done.overrides     # the same job, submitted again
-    assert again.run(timeout=300) == 0, again.output()[-4000:]
-    out = again.output()
-    assert "has already trained all 12 steps" in out and "nothing to train" in out
-    assert "provisioning" not in out and "Ray cluster" not in out  # no nodes for nothing
-    assert out.rstrip().endswith(final)                           # the same last line as the run's
-    assert done.run_info().info.run_id == run_id                  # no new, empty MLflow run
 
 
 def _train_controller_pid(job: Job) -> int:
@@ -157,74 +98,143 @@ def _train_controller_pid(job: Job) -> int:
     return 0
 
 
-def test_killed_train_controller_restarts_the_job_by_itself_on_s3(reference, tmp_path, s3_endpoint,
-                                                                 s3_bucket, monkeypatch):
-    """Ray's OOM killer (or anything) takes the Train controller: the job restarts its run
-    from the latest checkpoint on its own (issue 15) and ends as the uninterrupted run does."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    job = Job(tmp_path / "s3", *SHORT, f"checkpoint.uri=s3://{s3_bucket}/ckpt",
-              f"checkpoint.s3_endpoint_url={s3_endpoint}").start()
-    pid = wait_for(lambda: _train_controller_pid(job), 300, "the TrainController process")
-    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 7, 600,
-             "step 7 (after the checkpoint at step 6)")
-    os.kill(pid, signal.SIGKILL)
-    assert job.wait(900) == 0, job.output()[-4000:]
+def _trained(job: Job) -> int:
+    """The last step the job's progress bar shows (live; MLflow may still be catching up)."""
+    return max(map(int, re.findall(rf"(\d+)/{LAST} \[", job.output())), default=0)
 
-    assert_same_losses(job.metric("loss"), reference)
-    out = job.output()
-    resumed_from = int(re.search(r"restarting it from the checkpoint of step (\d+)", out).group(1))
-    assert resumed_from in (6, 9) and "job restart 1 of 3" in out
-    restart = events(job, "job_restart")
-    assert len(restart) == 1 and "actor died" in restart[0]["cause"], restart
-    final = float(re.search(r"finished at step 12 on 2 worker\(s\), eval loss (\S+)$", out, re.M).group(1))
-    want = float(re.search(r"eval loss (\S+)$", reference.job.output(), re.M).group(1))
-    assert abs(final - want) / want < 0.01, (final, want)
-    assert min(job.metric("resumed_step").values()) == resumed_from
+
+def test_one_job_survives_every_fault_on_s3_and_every_replayed_step_has_the_same_loss(
+        tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    """Independent faults, one after another, in one job (checkpoints on S3, MLflow on a
+    server): an MLflow outage, a spot notice, every worker killed mid-save, a corrupted
+    checkpoint, the Ray Train controller killed, the submitting process killed, a detached
+    resubmission stopped, a final resubmission. Each resume re-trains the steps after its
+    checkpoint; resume is exact when every re-trained step logs the loss it logged the first
+    time (fp32 on CPU), so the run is its own reference."""
     from platform.checkpoint import CheckpointStore
+    from platform.provision.head import LocalHead
+    from platform.provision.preemption import deliver_notice
 
-    store = CheckpointStore(f"s3://{s3_bucket}/ckpt/e2e", endpoint_url=s3_endpoint)
-    assert store.list_committed()[-1] == 12
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow", free_port())
+    server.start()
+    ckpt = [f"checkpoint.uri=s3://{s3_bucket}/ckpt", f"checkpoint.s3_endpoint_url={s3_endpoint}"]
+    job = Job(tmp_path / "home", *FAULTS, *ckpt, tracking_uri=server.url)
+    store = CheckpointStore(f"s3://{s3_bucket}/ckpt/{job.name}", endpoint_url=s3_endpoint)
+    committed = store.list_committed
+    try:
+        # 1. MLflow stops answering after the first logged step and is back once step 3 is saved.
+        job.start()
+        wait_for(lambda: job.proc.poll() is None and job.metric("loss"), 600, "the first logged step")
+        server.stop()
+        wait_for(lambda: job.proc.poll() is not None or 3 in committed(), 600, "step 3, MLflow down")
+        server.start()
 
+        # 2. A spot notice: a checkpoint within a step of it.
+        node = _provisioner(job, monkeypatch).nodes()[0]
+        noticed_at = _trained(job)
+        deliver_notice(node.node_dir)
+        wait_for(lambda: [s for s in committed() if s > 3], 120, "the preemption checkpoint")
+        assert min(s for s in committed() if s > 3) <= noticed_at + 2
+        wait_for(lambda: job.metric("events.preemption_checkpoint"), 120, "the preemption event")
 
-def test_checkpoint_faults_are_never_loaded_and_do_not_change_the_losses(reference, tmp_path):
-    job = Job(tmp_path / "home", *SHORT).start()
-    ckpts = job.checkpoint_dir()
-    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 4, 600, "step 4")
-    pids = job.worker_pids()
-    assert len(pids) == 2, pids
+        # 3. Every worker dies while a checkpoint (step k) is being written: it never becomes
+        #    visible. k: the next scheduled one that is at least a step away.
+        k = (_trained(job) // 3 + 2) * 3
+        pids = job.worker_pids()
+        assert len(pids) == 2, pids
+        wait_for(lambda: list(store.staging_root.glob(f"{step_dir(k)}-*")), 300,
+                 f"the checkpoint of step {k} to be staged", poll=0.01)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert k not in committed()
 
-    # 1. Every worker dies while step 6 is being written.
-    wait_for(lambda: list((ckpts / ".staging").glob("step_000000006-*")), 300,
-             "the checkpoint of step 6 to be staged", poll=0.01)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    assert 6 not in job.committed_steps()                       # the half-written one stays invisible
+        # 4. After the restart, step k is committed and then corrupted: the next resume skips it.
+        wait_for(lambda: job.proc.poll() is None and k in committed(), 600, f"step {k} after the restart")
+        before_k = max(s for s in committed() if s < k)
+        shard = max((key for key in store.root.list(f"{step_dir(k)}/") if key.endswith(".safetensors")),
+                    key=store.root.size)
+        data = bytearray(store.root.read_bytes(shard))
+        data[len(data) // 2] ^= 0xFF                                 # one flipped byte mid-file
+        store.root.write_bytes(shard, bytes(data))
+        wait_for(lambda: _trained(job) >= k + 1, 600, f"step {k + 1}")
+        assert k + 3 not in committed()
+        os.kill(job.worker_pids()[0], signal.SIGKILL)               # the next resume must skip k
 
-    # 2. After the restart (from step 3), a committed checkpoint is corrupted on disk.
-    wait_for(lambda: job.proc.poll() is None and 9 in job.committed_steps(), 600,
-             "step 9 to be committed after the restart")
-    shard = max((ckpts / "step_000000009").glob("model-*.safetensors"), key=lambda p: p.stat().st_size)
-    with open(shard, "r+b") as f:                                # one flipped byte mid-file
-        f.seek(shard.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    wait_for(lambda: max(job.metric("loss") or {0: 0}) >= 10, 600, "step 10")
-    assert 12 not in job.committed_steps()
-    os.kill(job.worker_pids()[0], signal.SIGKILL)               # the next resume must read step 9
-    assert job.wait(900) == 0, job.output()[-4000:]
+        # 5. The Ray Train controller dies: the job restarts its run by itself.
+        wait_for(lambda: job.proc.poll() is None and k + 3 in committed(), 600, f"step {k + 3}")
+        wait_for(lambda: _trained(job) >= k + 4, 600, f"step {k + 4}")
+        os.kill(wait_for(lambda: _train_controller_pid(job), 60, "the TrainController"), signal.SIGKILL)
 
-    assert_same_losses(job.metric("loss"), reference)
-    assert sorted(set(job.metric("resumed_step").values())) == [3.0, 6.0]
-    # Ray Train restarted the workers (twice) and the run records why
-    assert max(job.metric("events.restart").values()) == 2
-    assert "rank" in events(job, "restart")[0]["cause"]
-    fallback = events(job, "checkpoint_fallback")
-    assert [(e["skipped_step"], e["used_step"]) for e in fallback] == [(9, 6)], fallback
-    assert "sha256" in fallback[0]["reason"], fallback
-    assert "skipped (" in job.output()                           # said in the log too
-    assert job.committed_steps()[-1] == 12
-    assert not list((ckpts / ".staging").glob("*"))              # the crashed write was cleaned up
+        # 6. The submitting process dies; the job is resubmitted detached, then stopped.
+        wait_for(lambda: job.proc.poll() is None and k + 6 in committed(), 600,
+                 f"step {k + 6} after the job's restart")
+        os.killpg(job.proc.pid, signal.SIGKILL)
+        job.proc.wait()
+        latest = committed()[-1]
+        detached = _cli(job, "submit", str(TINY), *job.overrides, "--detach", timeout=300)
+        job_id = re.search(r"submitted job (\S+)", detached).group(1)
+        wait_for(lambda: _cli(job, "status", job_id).strip() in ("RUNNING", "FAILED", "SUCCEEDED"),
+                 120, "the detached job to start")
+        assert _cli(job, "status", job_id).strip() == "RUNNING"
+        wait_for(lambda: job.metric("resumed_step").get(latest), 600,
+                 f"the detached job to resume at step {latest}")
+        logs = _cli(job, "logs", job_id)
+        assert "Plan for job 'e2e'" in logs and "node(s) joined the Ray cluster" in logs
+        assert _cli(job, "stop", job_id).strip() == "stop requested"
+        wait_for(lambda: _cli(job, "status", job_id).strip() == "STOPPED", 180, "the job to stop")
+        assert "stop requested (SIGTERM): tearing the job down" in _cli(job, "logs", job_id)
+        assert wait_for(lambda: not _node_processes(job), 60, "the stopped job's nodes to go")
+        assert job.run_info().info.status == "KILLED"
+
+        # 7. Submitted once more, it finishes in the same MLflow run.
+        run_id = job.run_info().info.run_id
+        final = Job(job.home, name=job.name, tracking_uri=server.url)
+        final.ports, final.overrides = job.ports, job.overrides
+        assert final.run(timeout=1200) == 0, final.output()[-4000:]
+
+        losses = final.losses()
+        assert sorted(losses) == list(range(1, LAST + 1))
+        replayed = {s: v for s, v in losses.items() if len(v) > 1}
+        assert len(replayed) >= 4, losses                          # each fault re-trained steps
+        for step, values in losses.items():
+            assert max(values) - min(values) <= 1e-5 * abs(values[0]), (step, values)
+        for key in ("lm_loss", "grad_norm", "tokens_per_s", "world_size", "expert_load/layer03/cv"):
+            assert set(range(1, LAST + 1)) <= set(final.metric(key)), key    # none lost to the outage
+        assert final.run_info().info.run_id == run_id and final.run_info().info.status == "FINISHED"
+        assert committed()[-1] == LAST
+
+        out = job.output()
+        assert "is unreachable" in out and "is reachable again" in out
+        assert "skipped (" in out
+        fallback = events(final, "checkpoint_fallback")
+        assert [(e["skipped_step"], e["used_step"]) for e in fallback] == [(k, before_k)], fallback
+        assert "sha256" in fallback[0]["reason"], fallback
+        assert max(final.metric("events.restart").values()) >= 2     # Ray Train restarted workers
+        assert "rank" in events(final, "restart")[0]["cause"]
+        restart = events(final, "job_restart")
+        assert len(restart) == 1 and "actor died" in restart[0]["cause"], restart
+        assert "job restart 1 of 3" in out
+        assert float(latest) in final.metric("resumed_step").values()
+        assert not [p for p in store.staging_root.glob("*")]         # crashed writes cleaned up
+
+        # 8. Submitted again once finished: nothing is provisioned, the same last line.
+        last = re.search(rf"^job e2e: finished at step {LAST} on 2 worker\(s\), eval loss \S+$",
+                         final.output(), re.M).group(0)
+        again = Job(job.home, name=job.name, tracking_uri=server.url)
+        again.ports, again.overrides = job.ports, job.overrides
+        assert again.run(timeout=300) == 0, again.output()[-4000:]
+        out = again.output()
+        assert f"has already trained all {LAST} steps" in out and "nothing to train" in out
+        assert "provisioning" not in out and "Ray cluster" not in out
+        assert out.rstrip().endswith(last)
+    finally:
+        if job.proc is not None and job.proc.poll() is None:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+        port = int(job.ports[0].split("=")[1])
+        LocalHead(port=port, state_dir=str(job.home / f"ray-head-{port}")).stop()
+        server.stop()
 
 
 def _provisioner(job: Job, monkeypatch):
@@ -252,8 +262,8 @@ def _runs(values: list[float]) -> list[float]:
     return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
 
 
-LONGER = ["train.total_tokens=61440", "checkpoint.every_steps=4", "train.eval_every_steps=1000",
-          "promote.auto=false"]                                  # 30 steps
+LONGER = ["train.total_tokens=49152", "checkpoint.every_steps=4", "train.eval_every_steps=1000",
+          "promote.auto=false"]                                  # 24 steps
 
 
 def test_lost_nodes_are_replaced_the_run_shrinks_meanwhile_and_finishes_when_capacity_runs_out(
@@ -275,44 +285,19 @@ def test_lost_nodes_are_replaced_the_run_shrinks_meanwhile_and_finishes_when_cap
     # Steps were trained on the survivor meanwhile (the resume point plus at least one step).
     assert sum(v == 1.0 for v in job.metric("world_size").values()) >= 2, job.metric("world_size")
     grown_at = max(job.metric("loss"))
-    assert grown_at < 30, "the run finished before it grew back"
+    assert grown_at < 24, "the run finished before it grew back"
 
     exhausted.touch()                                          # capacity dries up
     _kill_node(prov)
     assert job.wait(1200) == 0, job.output()[-4000:]
-    assert sorted(job.metric("loss")) == list(range(1, 31))     # no step lost
+    assert sorted(job.metric("loss")) == list(range(1, 25))     # no step lost
     assert _runs(job.history("world_size"))[-4:] == [2.0, 1.0, 2.0, 1.0]
     for event in ("restart", "node_lost", "node_replaced", "world_size_change", "capacity_short"):
         assert job.metric(f"events.{event}"), event
     assert max(job.metric("events.node_lost").values()) == 2
     out = job.output()
     assert "capacity was short" in out and "InsufficientInstanceCapacity" in out
-    assert "finished at step 30 on 1 worker" in out
-
-
-def test_killed_controller_resubmits_and_spot_notice_checkpoints_within_a_step(tmp_path, monkeypatch):
-    from platform.provision.preemption import deliver_notice
-
-    job = Job(tmp_path / "home", "train.total_tokens=32768", "checkpoint.every_steps=100",
-              "train.eval_every_steps=1000", "promote.auto=false").start()   # 16 steps
-    wait_for(lambda: job.proc.poll() is None and max(job.metric("loss") or {0: 0}) >= 3, 600, "step 3")
-    prov = _provisioner(job, monkeypatch)
-    node = prov.nodes()[0]
-    noticed_at = max(job.metric("loss"))
-    deliver_notice(node.node_dir)                               # a simulated spot notice
-    wait_for(job.committed_steps, 120, "the preemption checkpoint")
-    assert job.committed_steps()[0] <= noticed_at + 2           # within one step of the notice
-    wait_for(lambda: job.metric("events.preemption_checkpoint"), 120, "the preemption event in MLflow")
-
-    os.killpg(job.proc.pid, signal.SIGKILL)                     # the controller dies
-    job.proc.wait()
-    latest = job.committed_steps()[-1]
-    resumed = Job(job.home, name=job.name)
-    resumed.ports, resumed.overrides = job.ports, job.overrides   # the same job, resubmitted
-    assert resumed.run(timeout=1200) == 0, resumed.output()[-4000:]
-    assert latest in resumed.metric("resumed_step").values()
-    assert sorted(resumed.metric("loss")) == list(range(1, 17))
-    assert resumed.run_info().info.run_id == job.run_info().info.run_id
+    assert "finished at step 24 on 1 worker" in out
 
 
 def _cli(job: Job, command: str, *args: str, timeout: float = 120) -> str:
@@ -323,37 +308,6 @@ def _cli(job: Job, command: str, *args: str, timeout: float = 120) -> str:
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
-
-
-def test_detached_job_reports_status_and_logs_and_stops_cleanly(tmp_path):
-    from platform.provision.head import LocalHead
-
-    job = Job(tmp_path / "home", "train.total_tokens=61440", "train.eval_every_steps=1000",
-              "promote.auto=false")
-    job.home.mkdir(parents=True)
-    try:
-        out = _cli(job, "submit", str(TINY), *job.overrides, "--detach", timeout=300)
-        job_id = re.search(r"submitted job (\S+)", out).group(1)
-        wait_for(lambda: _cli(job, "status", job_id).strip() in ("RUNNING", "FAILED", "SUCCEEDED"),
-                 120, "the detached job to start")
-        assert _cli(job, "status", job_id).strip() == "RUNNING"
-        # Its output, once it has created its MLflow run, is what Job.find_run waits for.
-        wait_for(lambda: re.search(r"^MLflow (UI|run)", _cli(job, "logs", job_id), re.M), 300,
-                 "the detached job's MLflow run")
-        job.log.write_text(_cli(job, "logs", job_id))
-        wait_for(lambda: max(job.metric("loss") or {0: 0}) >= 2, 600, "step 2 of the detached job")
-        logs = _cli(job, "logs", job_id)
-        assert "Plan for job 'e2e'" in logs and "node(s) joined the Ray cluster" in logs
-
-        assert _cli(job, "stop", job_id).strip() == "stop requested"
-        wait_for(lambda: _cli(job, "status", job_id).strip() == "STOPPED", 180, "the job to stop")
-        assert "stop requested (SIGTERM): tearing the job down" in _cli(job, "logs", job_id)
-        # Stopped, not abandoned: its nodes are gone and the MLflow run says KILLED.
-        assert wait_for(lambda: not _node_processes(job), 60, "the job's nodes to stop")
-        assert job.run_info().info.status == "KILLED"
-    finally:
-        port = int(job.ports[0].split("=")[1])
-        LocalHead(port=port, state_dir=str(job.home / f"ray-head-{port}")).stop()
 
 
 def _node_processes(job: Job) -> list[str]:

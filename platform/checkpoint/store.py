@@ -119,6 +119,11 @@ class CheckpointStore:
     def root(self) -> Store:
         return self._root
 
+    @property
+    def staging_root(self) -> Path:
+        """The local folder attempts are written in before their commit (for tools and tests)."""
+        return self._strategy.staging_root
+
     def __repr__(self) -> str:
         return f"CheckpointStore({self._root.uri!r})"
 
