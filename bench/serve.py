@@ -1,23 +1,31 @@
-"""Serving throughput: what batching buys over HTTP, and our decoder against transformers'.
+"""Serving speed: the decode engine per precision and batch size, and (--http) the Serve endpoint.
 
-One run measures, on the same local_tiny-architecture weights:
-1. the Serve endpoint (1 replica, @serve.batch): generated tokens/s with one
-   client sending requests back to back, then with N concurrent clients;
-   their ratio is what dynamic batching buys;
-2. in-process greedy generation: `DBRX.generate` (KV cache) against
-   `transformers.DbrxForCausalLM.generate` on the very same weights (the
-   version folder is the HF layout, loaded with `from_pretrained`), batch 1 and
-   batch N; outputs are checked to be identical before timing counts.
-All measurements are interleaved round by round (machine noise hits each
-alike) and the medians reported.
+Default: the decode engine in process (model.decode, what the server and
+`model.generate` run), for every weight format the device supports (CPU:
+fp32, bf16, int8; CUDA: bf16, int8, and fp8 on compute capability 9.0+), at
+batch 1, 8 (and 64 on a GPU):
+  tokens/s per user and aggregate, time to first token (prefill of one
+  prompt + its first token), ms per layer-step (a decode step / n_layers).
+This mode imports only torch and `model/`, so it runs on a GPU machine that
+has torch and nothing else of the platform.
 
-    python bench/serve.py                       # 8 clients, 32 new tokens per request
-    python bench/serve.py --clients 4 --max-tokens 64 --json
+    python bench/serve.py --quick              # toy sizes, < 60 s on 2 CPU cores
+    python bench/serve.py                      # d 2048 x 4 layers, 16 experts (a GPU)
+    python bench/serve.py --json
+
+--http: the older comparison on local_tiny weights (needs Ray, the platform
+and transformers): the Serve endpoint's tokens/s with one client sending
+requests back to back and with N concurrent clients, and in-process
+`DBRX.generate` against `transformers.DbrxForCausalLM.generate` on the same
+weights (outputs checked identical), medians of interleaved rounds.
+
+    python bench/serve.py --http --clients 4 --max-tokens 64 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,11 +38,103 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from platform.provision.head import free_local_port as free_port  # noqa: E402
+from model import DBRX, DBRXConfig  # noqa: E402
+from model.decode import DecodeEngine, Sampling  # noqa: E402
+from model.quant import fp8_supported, quantize_model, weight_bytes  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["def fibonacci(n):\n    ", "Once upon a time", "import numpy as np\n", "The capital of France is",
            "SELECT name FROM users WHERE", "Dear Sir or Madam,", "1, 2, 3, 5, 8, 13,", "To be, or not to be:"]
+
+# ----------------------------------------------------------------------------- the decode engine
+
+QUICK = DBRXConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_size=256, moe_num_experts=16,
+                   moe_top_k=4, vocab_size=4096, max_seq_len=512, rope_theta=10000.0)
+FULL = DBRXConfig(d_model=2048, n_layers=4, n_heads=16, n_kv_heads=4, ffn_hidden_size=4096, moe_num_experts=16,
+                  moe_top_k=4, vocab_size=100352, max_seq_len=4096, rope_theta=500000.0)
+
+
+def formats(device: torch.device) -> list[str]:
+    """Weight formats worth measuring on `device` (fp32 on a GPU is left out: nobody serves it)."""
+    if device.type == "cpu":
+        return ["fp32", "bf16", "int8"]
+    return ["bf16", "int8"] + ([] if fp8_supported(device) else ["fp8"])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def engine_run(base: DBRX, fmt: str, device: torch.device, batch: int, prompt_len: int,
+               new_tokens: int) -> dict:
+    """One (format, batch) point: TTFT, decode step time, tokens/s per user and aggregate.
+
+    Medians over repeats (TTFT: 3 prompts; steps: each step timed alone), so a
+    busy machine's stalls do not masquerade as the engine's cost.
+    """
+    model = copy.deepcopy(base).to(device)
+    quantize_model(model, fmt)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.cfg.vocab_size, (batch + 3, prompt_len), generator=gen).tolist()
+    engine = DecodeEngine(model, slots=batch, max_len=prompt_len + new_tokens + 8)
+    ttfts = []
+    for p in prompts[batch:]:                              # the first one also warms up
+        sync(device)
+        start = time.perf_counter()
+        slot = engine.admit(p, Sampling())
+        engine.step()                                      # returns the first token on the host
+        ttfts.append(time.perf_counter() - start)
+        engine.step()
+        engine.release(slot)
+    for p in prompts[:batch]:
+        engine.admit(p, Sampling())
+    engine.step()                                          # the prefill tokens
+    engine.step()                                          # warm-up of the decode shapes
+    steps = []
+    for _ in range(new_tokens):
+        sync(device)
+        start = time.perf_counter()
+        engine.step()                                      # ends with the tokens on the host
+        steps.append(time.perf_counter() - start)
+    step_s = statistics.median(steps)
+    return {"format": fmt, "batch": batch, "weights_mb": weight_bytes(model) / 2 ** 20,
+            "ttft_ms": statistics.median(ttfts[1:]) * 1e3, "step_ms": step_s * 1e3,
+            "ms_per_layer_step": step_s * 1e3 / model.cfg.n_layers,
+            "tok_s_per_user": 1.0 / step_s, "tok_s_aggregate": batch / step_s}
+
+
+def engine_bench(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = QUICK if args.quick else FULL
+    batches = [1, 8] + ([64] if device.type == "cuda" else [])
+    prompt_len, new_tokens = (32, 12) if args.quick else (128, 64)
+    if device.type == "cpu" and not args.threads:
+        torch.set_num_threads(1)          # steady numbers on a shared CPU; --threads to change
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        base = DBRX(cfg).eval()
+    points = [engine_run(base, fmt, device, b, prompt_len, new_tokens)
+              for fmt in formats(device) for b in batches]
+    return {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "experts": cfg.moe_num_experts,
+                      "top_k": cfg.moe_top_k, "vocab": cfg.vocab_size},
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "points": points}
+
+
+def print_engine(report: dict) -> None:
+    m = report["model"]
+    print(f"decode engine on {report['device']}: d {m['d_model']} x {m['n_layers']} layers, {m['experts']} experts "
+          f"top-{m['top_k']}, vocab {m['vocab']}; prompt {report['prompt_len']}, {report['new_tokens']} steps timed")
+    print(f"  {'weights':7s} {'batch':>5s} {'MB':>8s} {'TTFT ms':>9s} {'step ms':>9s} {'ms/layer':>9s} "
+          f"{'tok/s/user':>11s} {'tok/s':>10s}")
+    for p in report["points"]:
+        print(f"  {p['format']:7s} {p['batch']:5d} {p['weights_mb']:8.1f} {p['ttft_ms']:9.2f} {p['step_ms']:9.2f} "
+              f"{p['ms_per_layer_step']:9.3f} {p['tok_s_per_user']:11.1f} {p['tok_s_aggregate']:10.1f}")
+
+
+# ----------------------------------------------------------------------------- HTTP (--http)
 
 
 def make_version(cfg, folder: str):
@@ -150,13 +250,21 @@ def measure(cfg, folder: str, ours, clients: int, max_tokens: int, rounds: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes (CPU, < 60 s)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--http", action="store_true", help="the Serve endpoint and transformers comparison")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.http:
+        report = engine_bench(args)
+        print(json.dumps(report, indent=2)) if args.json else print_engine(report)
+        return
     with tempfile.TemporaryDirectory(prefix="dbrx-bench-serve-") as scratch:
         os.environ["DBRX_PLATFORM_HOME"] = os.path.join(scratch, "home")   # nothing of ours outlives the run
         report = run(args, os.path.join(scratch, "version"))
@@ -166,11 +274,12 @@ def main() -> None:
     http, local = report["http"], report["in_process"]
     print(f"local_tiny architecture ({report['parameters'] / 1e6:.1f}M parameters), "
           f"greedy, {args.max_tokens} new tokens per request, CPU")
-    print(f"Serve endpoint, 1 replica, @serve.batch max_batch_size={args.clients}:")
+    print(f"Serve endpoint, 1 replica, continuous batching, {args.clients} clients:")
     print(f"  1 client, sequential      {http['sequential_tok_s']:8.1f} tok/s")
     print(f"  {args.clients} concurrent clients     {http['concurrent_tok_s']:8.1f} tok/s")
     print(f"  concurrent / sequential   {http['concurrency_speedup']:8.2f}x")
-    print(f"in-process generation ({args.threads} torch thread(s); Serve replicas get Ray's OMP_NUM_THREADS):")
+    print(f"in-process generation ({torch.get_num_threads()} torch thread(s); "
+          "Serve replicas get Ray's OMP_NUM_THREADS):")
     for name, r in local.items():
         print(f"  {name:7s} DBRX.generate {r['ours_tok_s']:8.1f} tok/s   "
               f"transformers {r['transformers_tok_s']:8.1f} tok/s   ours/transformers {r['ratio']:5.2f}x   "
@@ -179,6 +288,7 @@ def main() -> None:
 
 def run(args, folder: str) -> dict:
     from platform.config import load_job
+    from platform.provision.head import free_local_port as free_port
 
     cfg = load_job(os.path.join(REPO, "conf", "local_tiny.yaml"), [
         "promote.registered_model=bench", f"serve.port={free_port()}", "serve.api_key=null",

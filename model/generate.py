@@ -1,14 +1,16 @@
-"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p.
+"""Autoregressive generation: greedy, temperature, top-k, top-p, stop tokens.
 
-Batching: prompts of different lengths are LEFT-padded into one batch with an
-attention mask; positions restart at 0 at each prompt's first real token, so
-every sequence gets the same logits it would get alone. All sequences decode
-in lock step; a sequence that hit a stop token keeps being fed (its output is
-discarded) until every sequence is done or `max_new_tokens` is reached.
+`generate` runs on model.decode.DecodeEngine, the engine the server uses: the
+prompts are prefilled into slots of a static KV cache, then every
+unfinished sequence decodes one token per step; a sequence leaves the batch
+(frees its slot) as soon as it stops. So every sequence gets the tokens it
+would get alone, and a server request with the same prompt, sampling
+parameters and seed gets the same tokens as `generate`.
 
 Under expert parallelism every rank of the group runs the model together, so
-the ranks agree (all-reduce) on when to stop; each rank must call `generate`
-with the same `max_new_tokens`.
+a lock-step loop over left-padded prompts is used, the ranks agreeing
+(all-reduce) on when to stop; each rank must call `generate` with the same
+`max_new_tokens`. `left_pad` and `sample_next` serve that path.
 """
 
 from __future__ import annotations
@@ -74,18 +76,79 @@ def generate(model: "DBRX", prompts: Union[torch.Tensor, Sequence[Sequence[int]]
              pad_token_id: int = 0) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt.
 
-    prompts: list of token-id lists (any lengths; padded here), or an input_ids
-        tensor (batch, seq) already left-padded, with its `attention_mask`.
+    prompts: list of token-id lists (any lengths), or an input_ids tensor
+        (batch, seq) already left-padded, with its `attention_mask`.
     temperature: 0 = greedy (deterministic); > 0 samples, optionally restricted
         to the `top_k` most likely tokens and the `top_p` nucleus.
-    seed / generator: make sampling reproducible (`seed` builds a generator).
+    seed / generator: make sampling reproducible; prompt i samples with seed
+        `seed + i` (a `generator` draws `seed`; neither: torch's default one does),
+        exactly what the server gives a request with that seed.
     stop_tokens: a sequence finishes when it produces one of them.
     The model runs in eval mode (no router jitter) and is restored afterwards.
+    Runs on model.decode.DecodeEngine (the server's engine); under expert
+    parallelism, where every rank must run each forward together, the
+    lock-step loop below is used instead.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if model.ep_size > 1:
+        return _generate_lockstep(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+                                  generator=generator, attention_mask=attention_mask,
+                                  pad_token_id=pad_token_id)
+    from model.decode import DecodeEngine, Sampling, draw_seed
+
+    rows = _unpadded(prompts, attention_mask)
+    need = max(len(r) for r in rows) + max_new_tokens
+    if need > model.cfg.max_seq_len:
+        raise ValueError(f"{need} positions (prompt + max_new_tokens) exceed the model context "
+                         f"max_seq_len={model.cfg.max_seq_len}: shorten the prompt or max_new_tokens")
+    if temperature > 0 and seed is None:
+        seed = draw_seed(generator)
+    stop = set(stop_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        engine = DecodeEngine(model, len(rows), need)
+        samplings = [Sampling(temperature, top_p, top_k or 0, None if seed is None else seed + i)
+                     for i in range(len(rows))]
+        row_of = {slot: i for i, slot in enumerate(engine.admit_many(rows, samplings))}
+        tokens: list[list[int]] = [[] for _ in rows]
+        reasons = ["length"] * len(rows)
+        while engine.active:
+            for slot, token in engine.step().items():
+                i = row_of[slot]
+                if token in stop:
+                    reasons[i] = "stop"
+                else:
+                    tokens[i].append(token)
+                if reasons[i] == "stop" or len(tokens[i]) == max_new_tokens:
+                    engine.release(slot)
+    finally:
+        model.train(was_training)
+    return GenerationOutput(tokens=tokens, finish_reasons=reasons, prompt_lengths=[len(r) for r in rows])
+
+
+def _unpadded(prompts: Union[torch.Tensor, Sequence[Sequence[int]]],
+              attention_mask: Optional[torch.Tensor]) -> list[list[int]]:
+    """Each prompt's real tokens: a left-padded tensor loses its padding (attention_mask 0)."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.tolist()
+        keep = [[1] * len(r) for r in ids] if attention_mask is None else attention_mask.tolist()
+        rows = [[t for t, m in zip(r, k) if m] for r, k in zip(ids, keep)]
+    else:
+        rows = [list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    return rows
+
+
+def _generate_lockstep(model: "DBRX", prompts, *, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                       seed, generator, attention_mask, pad_token_id) -> GenerationOutput:
+    """Left-padded lock-step decoding with a dynamic KVCache, for expert-parallel models: each
+    rank decodes its own prompts while the ranks run every forward together."""
     device = next(model.parameters()).device
     if isinstance(prompts, torch.Tensor):
         input_ids = prompts.to(device)

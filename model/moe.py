@@ -183,6 +183,11 @@ class Experts(nn.Module):
         """x: rows sorted by local expert, counts[e] rows for expert e."""
         return grouped_glu(x, self.w1, self.v1, self.w2, counts)
 
+    def gathered(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, v1, w2 slices (len(ids), ffn, d_model) of the local experts `ids` (decode path)."""
+        shape = (self.num_local_experts, self.ffn_hidden_size, self.w1.shape[1])
+        return tuple(w.view(shape).index_select(0, ids) for w in (self.w1, self.v1, self.w2))
+
 
 class DroplessMoE(nn.Module):
     """Router + dropless experts; optionally sharded over an expert-parallel process group."""
@@ -257,6 +262,39 @@ class DroplessMoE(nn.Module):
         y_sorted = self._experts(_Dispatch.apply(x, order, inv, self.top_k), counts)
         out = _Combine.apply(y_sorted, weights.to(y_sorted.dtype), order, inv)
         return out.view(shape), stats
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference for a few tokens x (N, d_model) -> (N, d_model), without host syncs.
+
+        Same routing and GLU as `forward`, but nothing is read back to the host
+        (no bincount, no statistics, no per-expert counts on the CPU), so a
+        decode step can run ahead of the host or be captured in a CUDA graph.
+        While the N*k (token, expert) pairs are no more than the experts, each
+        pair gathers only its expert's weight slices and one bmm per projection
+        does them all: only the routed experts' weights are read. Beyond that,
+        rows are sorted by expert and run through the grouped kernels with the
+        counts computed on the device (CUDA's grouped_mm keeps them there; the
+        CPU loop kernel reads them, a sync that costs nothing on a CPU).
+        Training keeps using `forward`.
+        Under expert parallelism the tokens must travel: `forward` is used.
+        """
+        if self.ep_size > 1:
+            return self.forward(x)[0]
+        _, _, weights, ids = self.route(x)
+        n, k = ids.shape
+        flat = ids.reshape(-1)
+        if n * k <= self.num_local_experts:
+            w1, v1, w2 = self.experts.gathered(flat)
+            rows = x.repeat_interleave(k, dim=0).unsqueeze(1)                    # (n*k, 1, d)
+            h = torch.nn.functional.silu(torch.bmm(rows, w1.transpose(1, 2))) * torch.bmm(rows, v1.transpose(1, 2))
+            y = torch.bmm(h, w2).view(n, k, x.shape[-1])
+        else:
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+            order = torch.argsort(flat, stable=True)
+            y_sorted = self.experts(x.index_select(0, order // k), counts)
+            y = y_sorted.index_select(0, _inverse_permutation(order)).view(n, k, x.shape[-1])
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
 
     def _experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run rows sorted by global expert (counts per expert) through their experts."""

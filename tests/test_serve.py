@@ -47,7 +47,7 @@ def served(tmp_path_factory, empty_mlflow_db, ray_local, commit_checkpoint, rand
         "name=serve-test", f"promote.registered_model={MODEL}", f"checkpoint.uri={root}/checkpoints",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_location={root}/mlartifacts",
         f"serve.port={_free_port()}", f"serve.api_key={API_KEY}", "serve.replica_cpus=0",
-        "serve.num_replicas=1", "serve.max_replicas=1", "serve.alias_poll_s=0.5", "serve.max_batch_size=8",
+        "serve.num_replicas=1", "serve.max_replicas=1", "serve.alias_poll_s=0.5", "serve.max_concurrent_sequences=8",
         "serve.max_tokens_limit=64", f"serve.allowed_hosts=['{NAME}']", f"serve.allowed_origins=['{PAGE}']"])
     # Weights large enough that greedy decoding wanders through the vocabulary.
     first, second = random_model(cfg.model, 1).eval(), random_model(cfg.model, 2).eval()

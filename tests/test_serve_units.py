@@ -347,11 +347,13 @@ def test_replicas_and_autoscaling_come_from_the_serve_config():
     from platform.config.schema import ServeConfig
     from platform.serving.launch import deployment_options
 
-    fixed = deployment_options(ServeConfig(num_replicas=2, max_replicas=2, replica_cpus=0.5, max_batch_size=4))
+    fixed = deployment_options(ServeConfig(num_replicas=2, max_replicas=2, replica_cpus=0.5,
+                                           max_concurrent_sequences=4))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert fixed["max_ongoing_requests"] >= 2 * 4   # the next batch can queue while one decodes
-    scaling = deployment_options(ServeConfig(num_replicas=1, max_replicas=3, max_batch_size=8, replica_gpus=1))
+    assert fixed["max_ongoing_requests"] > 4    # the excess reaches the replica, which answers 429
+    scaling = deployment_options(ServeConfig(num_replicas=1, max_replicas=3, max_concurrent_sequences=8,
+                                             replica_gpus=1))
     assert "num_replicas" not in scaling and scaling["ray_actor_options"]["num_gpus"] == 1
     assert scaling["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3,
                                              "target_ongoing_requests": 8}

@@ -160,9 +160,15 @@ class ServeConfig:
     model_alias: str = "staging"
     num_replicas: int = 1
     max_replicas: int = 1
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
     max_tokens_limit: int = 512
+    # Continuous batching per replica: sequences decoding at once (more get 429), the KV cache memory
+    # they may take (0: no cap beyond the count), the positions a request may use (0: model context).
+    max_concurrent_sequences: int = 16
+    max_kv_cache_mb: int = 0
+    max_context_tokens: int = 0
+    # Weights as served, quantized at load: auto (bf16 on GPU, checkpoint dtype on CPU), fp32, bf16,
+    # int8 (weight-only, any device) or fp8 (e4m3, CUDA compute capability 9.0+ only).
+    weights: str = "auto"
     start_after_training: bool = False
     alias_poll_s: float = 5.0          # how often replicas re-resolve model_alias (rolling update)
     replica_cpus: float = 1.0          # Ray resources reserved per replica

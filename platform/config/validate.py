@@ -24,6 +24,7 @@ from platform.config.schema import JobConfig
 
 _PROVIDERS = ("local", "aws")
 _PRECISIONS = ("auto", "fp32", "bf16")
+_SERVE_WEIGHTS = ("auto", "fp32", "bf16", "int8", "fp8")   # model.quant.FORMATS and auto
 _FORMATS = ("auto", "text", "jsonl", "parquet")
 # Formats infra/aws checks (variables.tf) and cannot report offline: checked here first.
 _AWS_FORMATS = {
@@ -292,6 +293,11 @@ def _check_serve(cfg: JobConfig, bad: Bad) -> None:
     problem = name_problem(s.model_alias)
     if problem:
         bad("serve.model_alias", problem)
+    if s.weights not in _SERVE_WEIGHTS:
+        bad("serve.weights", f"{describe(s.weights)} is not one of {', '.join(_SERVE_WEIGHTS)}")
+    elif s.weights == "fp8" and s.replica_gpus == 0:
+        bad("serve.weights", "fp8 weights need a GPU replica (serve.replica_gpus > 0, compute "
+                             "capability 9.0+); use int8 on CPU")
     from platform.serving.origin import OriginPolicy   # the rule the server applies, checked here
 
     try:

@@ -1,4 +1,4 @@
-"""The Ray Serve application: OpenAI's HTTP API over a DBRX model, batched with @serve.batch.
+"""The Ray Serve application: OpenAI's HTTP API over a DBRX model, with continuous batching.
 
 Routes (FastAPI ingress):
     GET  /health                 liveness + the version being served (no key needed)
@@ -16,11 +16,14 @@ or step-<N> for a checkpoint path) and `system_fingerprint` says the same.
 Requests are validated completely before they are queued, so one bad request
 can only ever fail itself: a batch holds valid requests only.
 
-Batching: `generate` is an @serve.batch async generator: Serve gathers up to
-serve.max_batch_size requests (waiting at most serve.batch_wait_timeout_s),
-the batch decodes in lock step (platform.serving.engine) in a worker thread,
-one token per step, and each request's stream receives its own tokens as they
-are produced. Requests arriving during a batch form the next one.
+Batching: each replica runs a `Scheduler` (platform.serving.engine) in a
+thread of its own, and requests join and leave its running batch at every
+decoding step (iteration-level scheduling): a request starts decoding at the
+next step after it arrives and frees its slot as soon as it finishes, stops on
+a stop sequence, or its client goes away. Each request's stream receives its
+tokens as they are produced. A replica holds at most
+serve.max_concurrent_sequences sequences (fewer if serve.max_kv_cache_mb says
+so); a request that finds no free slot gets 429 at once, in OpenAI's shape.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based ingress rewrites the route
@@ -39,8 +42,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from platform.serving import chat
 from platform.serving.auth import ApiKeyCheck
-from platform.serving.engine import BatchDecoder, GenerationRequest, SamplingParams, plan_groups
-from platform.serving.errors import SERVER_ERROR, APIError, from_validation, invalid, model_not_found
+from platform.serving.engine import GenerationRequest, SamplingParams, Scheduler, TokenEvent, engine_slots
+from platform.serving.errors import (
+    SERVER_ERROR, APIError, from_validation, invalid, model_not_found, too_many_requests,
+)
 from platform.serving.loader import AliasWatcher, LoadedModel, ModelLoader, ServerSettings
 from platform.serving.openai_schema import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -114,8 +119,9 @@ class OpenAIServer:
         self.auth = ApiKeyCheck(settings.api_key_digest)
         self.loader = ModelLoader(settings)
         self._model: LoadedModel = self.loader.load()
-        self.generate.set_max_batch_size(settings.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        slots = engine_slots(self._model.model, self._context(self._model), settings.max_concurrent_sequences,
+                             settings.max_kv_cache_mb * 2**20 if settings.max_kv_cache_mb else None)
+        self.scheduler = Scheduler(slots, self._context).start(self._model)
         self._watcher: Optional[AliasWatcher] = None
         if settings.source.follows_alias:
             self._watcher = AliasWatcher(self.loader, lambda: self._model, self._install,
@@ -125,15 +131,25 @@ class OpenAIServer:
 
     def _install(self, loaded: LoadedModel) -> None:
         self._model = loaded   # one reference swap: requests keep the model that admitted them
+        self.scheduler.set_current(loaded)
+
+    def _context(self, loaded: LoadedModel) -> int:
+        """Positions a request may use (prompt + completion): the model's, or serve.max_context_tokens."""
+        cap = self.settings.max_context_tokens
+        return min(loaded.max_seq_len, cap) if cap else loaded.max_seq_len
 
     def __del__(self) -> None:
         if getattr(self, "_watcher", None) is not None:
             self._watcher.stop()
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.stop()
 
     def check_health(self) -> None:
-        """Serve's replica health check: a replica that stopped following its alias is replaced."""
+        """Serve's replica health check: a replica whose alias watcher or scheduler stopped is replaced."""
         if self._watcher is not None and not self._watcher.alive:
             raise RuntimeError("the alias watcher thread stopped")
+        if not self.scheduler.alive:
+            raise RuntimeError("the scheduler thread stopped")
 
     # ------------------------------------------------------------------ routes
 
@@ -224,10 +240,11 @@ class OpenAIServer:
                                                     stop_ids=frozenset({loaded.tokenizer.eos_id})), loaded)
                 for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        queues = self._submit(gens)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return self._stream(self._completion_events(gens, stops, rid, created, usage), loaded)
-        results = await self._collect_all(gens, stops)
+            return self._stream(self._completion_events(gens, queues, stops, rid, created, usage), loaded)
+        results = await self._collect_all(gens, queues, stops)
         choices = [CompletionChoice(index=i, text=text, finish_reason=reason)
                    for i, (text, _, reason) in enumerate(results)]
         return _json(Completion(id=rid, created=created, model=loaded.model_id, choices=choices,
@@ -245,10 +262,11 @@ class OpenAIServer:
                                                        stop_ids=chat.stop_token_ids(loaded.tokenizer)), loaded)
         stops = req.stop_sequences()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        [queue] = self._submit([gen])
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return self._stream(self._chat_events(gen, stops, rid, created, usage), loaded)
-        results = await self._collect_all([gen], stops)
+            return self._stream(self._chat_events(gen, queue, stops, rid, created, usage), loaded)
+        results = await self._collect_all([gen], [queue], stops)
         text, _, reason = results[0]
         return _json(ChatCompletion(
             id=rid, created=created, model=loaded.model_id,
@@ -272,8 +290,8 @@ class OpenAIServer:
             prompts = [prompt]
         else:
             prompts = list(prompt)
-        if len(prompts) > self.settings.max_batch_size:
-            raise invalid(f"Invalid value for 'prompt': at most {self.settings.max_batch_size} prompts per "
+        if len(prompts) > self.settings.max_concurrent_sequences:
+            raise invalid(f"Invalid value for 'prompt': at most {self.settings.max_concurrent_sequences} prompts per "
                           f"request, got {len(prompts)}.", param="prompt", code="invalid_value")
         out = []
         for p in prompts:
@@ -294,7 +312,7 @@ class OpenAIServer:
     def _sampling(self, req, prompt_len: int, loaded: LoadedModel, requested: Optional[int], param: str,
                   prompt_param: str, *, clamp: bool, stop_ids: frozenset[int]) -> SamplingParams:
         """Sampling parameters, after checking max_tokens against the limit and the context."""
-        limit, context = self.settings.max_tokens_limit, loaded.max_seq_len
+        limit, context = self.settings.max_tokens_limit, self._context(loaded)
         room = context - prompt_len
         if room < 1:
             raise invalid(f"This model's maximum context length is {context} tokens. However, your "
@@ -319,37 +337,46 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ generation
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
-        """One list per decoding step: each request's TokenEvent, or StopIteration once it finished."""
-        groups = plan_groups(requests)
-        decoders = await asyncio.to_thread(
-            lambda: [(g, BatchDecoder(requests[g[0]].model.model, [requests[i] for i in g])) for g in groups])
-        while True:
-            active = [(g, d) for g, d in decoders if not d.finished]
-            if not active:
-                return
-            stepped = await asyncio.to_thread(lambda: [d.step() for _, d in active])
-            out: list = [StopIteration] * len(requests)
-            for (g, _), events in zip(active, stepped):
-                for i, event in zip(g, events):
-                    if event is not None:
-                        out[i] = event
-            yield out
+    def _submit(self, gens: list[GenerationRequest]) -> list[asyncio.Queue]:
+        """Hand `gens` to the scheduler, all or none: 429 when the replica has no slot for them.
 
-    async def _tokens(self, gen: GenerationRequest,
+        Each returned queue receives its request's TokenEvents (or the exception that failed it).
+        Submitting here, before any response starts, keeps the count exact: a request holds its
+        slot until it finishes or its consumer (`_tokens`) lets go of it.
+        """
+        if len(gens) > self.scheduler.slots:
+            raise invalid(f"Invalid value for 'prompt': this server decodes at most {self.scheduler.slots} "
+                          f"sequences at once, got {len(gens)} prompts.", param="prompt", code="invalid_value")
+        if not self.scheduler.reserve(len(gens)):
+            raise too_many_requests(self.scheduler.slots)
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue] = []
+        for gen in gens:
+            queue: asyncio.Queue = asyncio.Queue()
+            self.scheduler.submit(gen, lambda event, q=queue: loop.call_soon_threadsafe(q.put_nowait, event))
+            queues.append(queue)
+        return queues
+
+    async def _tokens(self, gen: GenerationRequest, queue: asyncio.Queue,
                       stops: Sequence[str]) -> AsyncIterator[tuple[str, int, Optional[str]]]:
-        """(text delta, tokens so far, finish reason or None) for one request, ending with its finish."""
+        """(text delta, tokens so far, finish reason or None) for one request, ending with its finish.
+
+        Leaving early (a stop sequence matched, the client went away) cancels the
+        request: the scheduler frees its slot at its next step.
+        """
         text = TextStream(gen.model.tokenizer, stops)
         produced, reason = 0, "length"
-        stream = self.generate(gen)
         try:
-            async for event in stream:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                assert isinstance(event, TokenEvent)
                 if event.token is not None:
                     produced += 1
                     delta = text.push(event.token)
                     if text.stopped:
-                        gen.cancel()       # the batch drops this row at its next step
+                        gen.cancel()
                         reason = "stop"
                         yield delta, produced, None
                         break
@@ -359,22 +386,20 @@ class OpenAIServer:
                     reason = event.finish_reason
                     break
             yield text.finish(), produced, reason
-            async for _ in stream:   # let the batch retire the row before letting go of its stream
-                pass
         finally:
             gen.cancel()
 
-    async def _collect_all(self, gens: list[GenerationRequest],
+    async def _collect_all(self, gens: list[GenerationRequest], queues: list[asyncio.Queue],
                            stops: Sequence[str]) -> list[tuple[str, int, str]]:
-        async def collect(gen: GenerationRequest) -> tuple[str, int, str]:
+        async def collect(gen: GenerationRequest, queue: asyncio.Queue) -> tuple[str, int, str]:
             parts, produced, reason = [], 0, "length"
-            async for delta, produced, finish in self._tokens(gen, stops):
+            async for delta, produced, finish in self._tokens(gen, queue, stops):
                 parts.append(delta)
                 reason = finish or reason
             return "".join(parts), produced, reason
 
         try:
-            return await asyncio.gather(*(collect(g) for g in gens))
+            return await asyncio.gather(*(collect(g, q) for g, q in zip(gens, queues)))
         finally:
             for g in gens:
                 g.cancel()
@@ -394,12 +419,13 @@ class OpenAIServer:
 
         return EventStream(body(), headers={VERSION_HEADER: loaded.version, "Cache-Control": "no-cache"})
 
-    async def _completion_events(self, gens: list[GenerationRequest], stops: Sequence[str], rid: str,
-                                 created: int, include_usage: bool) -> AsyncIterator[str]:
+    async def _completion_events(self, gens: list[GenerationRequest], queues: list[asyncio.Queue],
+                                 stops: Sequence[str], rid: str, created: int,
+                                 include_usage: bool) -> AsyncIterator[str]:
         loaded = gens[0].model
         produced = [0] * len(gens)
         try:
-            async for i, (delta, n, reason) in merge([self._tokens(g, stops) for g in gens]):
+            async for i, (delta, n, reason) in merge([self._tokens(g, q, stops) for g, q in zip(gens, queues)]):
                 produced[i] = n
                 if delta or reason:
                     yield sse(Completion(id=rid, created=created, model=loaded.model_id,
@@ -413,8 +439,8 @@ class OpenAIServer:
             for g in gens:
                 g.cancel()
 
-    async def _chat_events(self, gen: GenerationRequest, stops: Sequence[str], rid: str, created: int,
-                           include_usage: bool) -> AsyncIterator[str]:
+    async def _chat_events(self, gen: GenerationRequest, queue: asyncio.Queue, stops: Sequence[str], rid: str,
+                           created: int, include_usage: bool) -> AsyncIterator[str]:
         loaded = gen.model
 
         def chunk(delta: ChatDelta, reason: Optional[str] = None) -> str:
@@ -425,7 +451,7 @@ class OpenAIServer:
         produced = 0
         try:
             yield chunk(ChatDelta(role="assistant", content=""))
-            async for delta, produced, reason in self._tokens(gen, stops):
+            async for delta, produced, reason in self._tokens(gen, queue, stops):
                 if delta:
                     yield chunk(ChatDelta(content=delta))
                 if reason:

@@ -46,6 +46,12 @@ def model_not_found(model: str, available: str) -> APIError:
                     param="model", code="model_not_found")
 
 
+def too_many_requests(slots: int) -> APIError:
+    """The replica's sequence slots are all taken: OpenAI's rate-limit shape, which clients retry."""
+    return APIError(429, f"The server is at capacity ({slots} sequences decoding); retry shortly.",
+                     type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
 # What each field accepts, for type errors on fields that take several shapes.
 _SHAPES = {
     "prompt": "a string, an array of strings, an array of token ids or an array of arrays of token ids",

@@ -105,23 +105,24 @@ def server_settings(cfg: JobConfig, source: ModelSource) -> ServerSettings:
         raise UserError(str(exc)) from None
     return ServerSettings(
         source=source, tracking=resolve(cfg.tracking), model_config=cfg.model,
-        cache_dir=os.path.join(state_dir(), "registry-cache"), max_batch_size=s.max_batch_size,
-        batch_wait_timeout_s=s.batch_wait_timeout_s, max_tokens_limit=s.max_tokens_limit,
+        cache_dir=os.path.join(state_dir(), "registry-cache"), max_tokens_limit=s.max_tokens_limit,
         alias_poll_s=s.alias_poll_s, api_key_digest=key_digest(s.api_key), use_gpu=s.replica_gpus > 0,
-        origins=origins)
+        max_concurrent_sequences=s.max_concurrent_sequences, max_kv_cache_mb=s.max_kv_cache_mb,
+        max_context_tokens=s.max_context_tokens, weights=s.weights, origins=origins)
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
-        # Room for the next batch to queue while one decodes.
-        "max_ongoing_requests": max(2 * s.max_batch_size, 16),
+        # More than a replica decodes at once, so that the excess reaches the replica's scheduler
+        # and is answered 429 at once instead of waiting in Serve's queue.
+        "max_ongoing_requests": 2 * s.max_concurrent_sequences,
         "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
         "graceful_shutdown_timeout_s": 30,
     }
     if s.max_replicas > s.num_replicas:
         options["autoscaling_config"] = {"min_replicas": s.num_replicas, "initial_replicas": s.num_replicas,
                                          "max_replicas": s.max_replicas,
-                                         "target_ongoing_requests": s.max_batch_size}
+                                         "target_ongoing_requests": s.max_concurrent_sequences}
     else:
         options["num_replicas"] = s.num_replicas
     return options
@@ -236,8 +237,6 @@ def _check(s: ServeConfig) -> None:
         problems.append(f"serve.alias_poll_s must be > 0, got {s.alias_poll_s}")
     if s.replica_cpus < 0 or s.replica_gpus < 0:
         problems.append("serve.replica_cpus and serve.replica_gpus must be >= 0")
-    if s.batch_wait_timeout_s < 0:
-        problems.append(f"serve.batch_wait_timeout_s must be >= 0, got {s.batch_wait_timeout_s}")
     if problems:
         raise UserError("; ".join(problems))
 

@@ -66,12 +66,18 @@ class ServerSettings:
     tracking: Store                         # where the registry is (alias and version sources)
     model_config: Optional["DBRXConfig"]    # architecture of a training checkpoint given by path
     cache_dir: str                          # downloads of versions stored remotely
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
     max_tokens_limit: int = 512
     alias_poll_s: float = 5.0
     api_key_digest: Optional[str] = None
     use_gpu: bool = False
+    # Continuous batching (platform.serving.engine): sequences decoding at once per replica, the KV
+    # cache memory they may take (0: whatever max_concurrent_sequences needs), and the positions a
+    # request may use (0: the model's max_seq_len).
+    max_concurrent_sequences: int = 16
+    max_kv_cache_mb: int = 0
+    max_context_tokens: int = 0
+    # Weights as served: auto (bf16 on a GPU, the checkpoint's dtype on CPU), fp32, bf16, int8, fp8.
+    weights: str = "auto"
     origins: OriginPolicy = OriginPolicy.build("127.0.0.1", 8000)   # Host/Origin checks (serve.host/port)
 
 
@@ -112,7 +118,7 @@ class ModelLoader:
         assert self.registry is not None
         folder = self.registry.local_files(ref, self.settings.cache_dir)
         model, tok = load_version(folder, **self._placement())
-        return LoadedModel(model, tok, self.source.name, ref.version, int(time.time()))
+        return LoadedModel(self._finish(model), tok, self.source.name, ref.version, int(time.time()))
 
     def load_path(self, path: Path) -> LoadedModel:
         """A version folder / HF export (config.json + safetensors) or a committed training checkpoint."""
@@ -125,7 +131,7 @@ class ModelLoader:
             model, tok = load_version(path, **self._placement())
             step = read_lineage(path).get("step")
             version = f"step-{step}" if step is not None else path.name
-            return LoadedModel(model, tok, self.source.name, version, int(time.time()))
+            return LoadedModel(self._finish(model), tok, self.source.name, version, int(time.time()))
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise UserError(f"{path} holds pickle-based files ({', '.join(pickled)}); only safetensors are loaded")
@@ -133,7 +139,7 @@ class ModelLoader:
         from platform.checkpoint.trainer_state import read_trainer_state
 
         version = f"step-{read_trainer_state(path).step}"
-        return LoadedModel(model, tok, self.source.name, version, int(time.time()))
+        return LoadedModel(self._finish(model), tok, self.source.name, version, int(time.time()))
 
     def _training_checkpoint(self, path: Path) -> tuple["DBRX", "Tokenizer"]:
         from platform.data import get_tokenizer
@@ -154,11 +160,40 @@ class ModelLoader:
         return model.eval(), get_tokenizer(cfg.vocab_size)
 
     def _placement(self) -> dict:
+        """Where the checkpoint is loaded and in which dtype (8-bit formats quantize from it after)."""
         import torch
 
-        if self.settings.use_gpu and torch.cuda.is_available():
-            return {"device": "cuda", "dtype": torch.bfloat16}
-        return {"device": "cpu", "dtype": None}
+        from model.quant import FORMATS, fp8_supported
+
+        weights = self.settings.weights
+        if weights != "auto" and weights not in FORMATS:
+            raise UserError(f"serve.weights must be auto or one of {', '.join(FORMATS)}, got {weights!r}")
+        gpu = self.settings.use_gpu and torch.cuda.is_available()
+        device = "cuda" if gpu else "cpu"
+        if weights == "fp8":
+            problem = fp8_supported(torch.device(device))
+            if problem:
+                raise UserError(f"serve.weights=fp8: {problem}; use int8 or bf16")
+        if weights == "fp32":
+            return {"device": device, "dtype": torch.float32}
+        if weights in ("int8", "fp8"):
+            # Loaded on the host and quantized block by block on its way to the device, so the
+            # device never holds more than one block in 16 bits.
+            return {"device": "cpu", "dtype": torch.bfloat16 if gpu or weights == "fp8" else None}
+        if weights == "bf16" or gpu:
+            return {"device": device, "dtype": torch.bfloat16}
+        return {"device": device, "dtype": None}
+
+    def _finish(self, model: "DBRX") -> "DBRX":
+        """Quantize the loaded weights when serve.weights asks for 8 bits; eval mode either way."""
+        if self.settings.weights in ("int8", "fp8"):
+            import torch
+
+            from model.quant import quantize_model
+
+            gpu = self.settings.use_gpu and torch.cuda.is_available()
+            quantize_model(model, self.settings.weights, device="cuda" if gpu else "cpu")
+        return model.eval()
 
 
 class AliasWatcher:
