@@ -19,7 +19,9 @@ no Hydra: the GPU machines this runs on have torch and little else. Sections:
             seq 4096, micro batch 4
   engine    the platform's DeepSpeed engine (platform/train/engine.py: bf16, ZeRO-1,
             world size 1, NCCL) against plain PyTorch on the same model (d 2048 x 4)
-  decode    model.generate tokens/s at batch 1 (d 2048 x 4 layers)
+  decode    the serving engine's decode step, ms per layer-step (bench/serve.py): a
+            4-layer DBRX-width slice, 2k-token KV, bf16 eager / CUDA graphs and 8-bit
+            weights at batch 1 and 8; CUDA-graph tokens must equal eager ones
 
 MFU is model FLOPs (model/counting.py, no recomputation) over 989 TFLOP/s, the
 H100/H200 dense bf16 datasheet figure; the measured GEMM peak is printed beside
@@ -66,7 +68,6 @@ class Sizes:
     moe_tokens: int = 16384
     seq: int = 4096
     micro: int = 4
-    decode_tokens: int = 128
 
 
 FULL = Sizes()
@@ -75,7 +76,7 @@ SMOKE = Sizes(gemm=256,
                          moe_num_experts=16, moe_top_k=4, vocab_size=512),
               small=dict(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden_size=128, n_layers=2,
                          vocab_size=512),
-              moe_tokens=256, seq=64, micro=2, decode_tokens=8)
+              moe_tokens=256, seq=64, micro=2)
 RUN = {"sizes": FULL, "device": "cuda"}
 
 
@@ -505,25 +506,36 @@ def _measure_engine(master: str) -> dict:
 
 
 def section_decode(state: dict) -> dict:
+    """The serving engine's decode step (bench/serve.py's measurement) on a 4-layer DBRX-width
+    slice with 2k-token prompts: bf16 eager and with CUDA graphs, and 8-bit weights (fp8 where
+    the GPU has it, else int8), at batch 1 and 8; CUDA graphs must decode the eager tokens."""
     require_cuda()
-    from model import DBRX
+    import serve as serve_bench
+    from model.decode import DecodeEngine, Sampling
+    from model.quant import fp8_supported
 
-    cfg = dbrx_config(**sizes().small)
-    torch.manual_seed(0)
-    with torch.device(dev()):
-        model = DBRX(cfg)
-    model.to(torch.bfloat16).eval()
-    new = sizes().decode_tokens
-    prompt = [list(range(1, new + 1))]
-    result = {"d_model": cfg.d_model, "layers": cfg.n_layers, "prompt": new, "new_tokens": new}
-    model.generate(prompt, max_new_tokens=8)      # warm-up
-    sync()
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new)
-    sync()
-    result["tokens_per_s"] = new / (time.perf_counter() - start)
-    del model
-    free_memory()
+    smoke = RUN["sizes"] is SMOKE
+    cfg = serve_bench.QUICK if smoke else serve_bench.FULL
+    prompt_len, new = (32, 8) if smoke else (2048, 32)
+    device = torch.device(dev())
+    eight_bit = "fp8" if cuda() and fp8_supported(device) is None else "int8"
+    result: dict = {"d_model": cfg.d_model, "layers": cfg.n_layers, "prompt": prompt_len, "points": []}
+    for fmt, runs in (("bf16", [(1, False), (1, None), (8, None)]), (eight_bit, [(1, None), (8, None)])):
+        model = serve_bench.build(cfg, fmt, device)
+        if fmt == "bf16":
+            prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
+            tokens = {}
+            for graphs in (False, None):
+                engine = DecodeEngine(model, slots=1, max_len=prompt_len + 24, cuda_graphs=graphs)
+                engine.admit(prompt.tolist(), Sampling())
+                tokens[engine.cuda_graphs] = [engine.step()[0] for _ in range(16)]
+            result["graphs_equal_eager"] = len(set(map(tuple, tokens.values()))) == 1
+        result["points"] += [serve_bench.engine_run(model, fmt, device, batch, prompt_len, new, graphs=graphs)
+                             for batch, graphs in runs]
+        del model
+        free_memory()
+    if not result["graphs_equal_eager"]:
+        raise CheckFailed(f"CUDA-graph decode gave other greedy tokens than eager: {tokens}")
     return result
 
 
@@ -572,8 +584,10 @@ def headline(name: str, r: dict) -> str:
                              f"plain ({d['peak_gb']:.0f} GB)")
         return f"d {p['d_model']} x {p['layers']}: " + "; ".join(parts)
     if name == "decode":
-        return (f"model.generate, d {r['d_model']} x {r['layers']}, bf16, batch 1, "
-                f"{r['prompt']}-token prompt: {r['tokens_per_s']:.0f} tokens/s")
+        cells = [f"{p['format']}{'' if p['cuda_graphs'] else ' eager'} b{p['batch']} "
+                 f"{p['ms_per_layer_step']:.3f}" for p in r["points"]]
+        return (f"ms per layer-step, d {r['d_model']} x {r['layers']}, {r['prompt']}-token KV: "
+                + ", ".join(cells))
     return ""
 
 

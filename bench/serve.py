@@ -10,8 +10,14 @@ This mode imports only torch and `model/`, so it runs on a GPU machine that
 has torch and nothing else of the platform.
 
     python bench/serve.py --quick              # toy sizes, < 60 s on 2 CPU cores
-    python bench/serve.py                      # d 2048 x 4 layers, 16 experts (a GPU)
+    python bench/serve.py                      # a 4-layer DBRX-width slice, 2k-token prompts (a GPU)
     python bench/serve.py --json
+
+On a GPU every point runs with CUDA graphs (the server's default there) and
+bf16 at batch 1 also eagerly, so the graphs' share is measured, not assumed.
+It ends with a projection for the whole model (40 layers) on 8 GPUs with
+experts split 8 ways, from the measured 8-bit batch-1 layer step; its
+assumptions are printed with it.
 
 --http: the older comparison on local_tiny weights (needs Ray, the platform
 and transformers): the Serve endpoint's tokens/s with one client sending
@@ -50,8 +56,11 @@ PROMPTS = ["def fibonacci(n):\n    ", "Once upon a time", "import numpy as np\n"
 
 QUICK = DBRXConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_size=256, moe_num_experts=16,
                    moe_top_k=4, vocab_size=4096, max_seq_len=512, rope_theta=10000.0)
-FULL = DBRXConfig(d_model=2048, n_layers=4, n_heads=16, n_kv_heads=4, ffn_hidden_size=4096, moe_num_experts=16,
-                  moe_top_k=4, vocab_size=100352, max_seq_len=4096, rope_theta=500000.0)
+# DBRX's width (d 6144, 48 heads, 8 KV heads, 16 experts of 10752, top 4), 4 of its 40 layers.
+FULL = DBRXConfig(d_model=6144, n_layers=4, n_heads=48, n_kv_heads=8, ffn_hidden_size=10752, moe_num_experts=16,
+                  moe_top_k=4, vocab_size=100352, max_seq_len=4096, rope_theta=500000.0, clip_qkv=8.0)
+DBRX_LAYERS = 40
+ALL_TO_ALL_S = 20e-6      # assumed: one all-to-all of a few tokens over NVLink (two per layer)
 
 
 def formats(device: torch.device) -> list[str]:
@@ -66,19 +75,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_run(base: DBRX, fmt: str, device: torch.device, batch: int, prompt_len: int,
-               new_tokens: int) -> dict:
+def build(cfg: DBRXConfig, fmt: str, device: torch.device, base: DBRX | None = None) -> DBRX:
+    """The bench model in `fmt`: a copy of `base` (CPU), or made on the GPU itself (a DBRX-width
+    slice is 57 GB in fp32: no host copy), bf16 before quantization."""
+    if base is not None:
+        model = copy.deepcopy(base).to(device)
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = DBRX(cfg)
+        model.to(torch.bfloat16)
+    quantize_model(model, fmt)
+    return model.eval()
+
+
+def engine_run(model: DBRX, fmt: str, device: torch.device, batch: int, prompt_len: int,
+               new_tokens: int, graphs: bool | None = None) -> dict:
     """One (format, batch) point: TTFT, decode step time, tokens/s per user and aggregate.
 
     Medians over repeats (TTFT: 3 prompts; steps: each step timed alone), so a
     busy machine's stalls do not masquerade as the engine's cost.
     """
-    model = copy.deepcopy(base).to(device)
-    quantize_model(model, fmt)
-    model.eval()
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch + 3, prompt_len), generator=gen).tolist()
-    engine = DecodeEngine(model, slots=batch, max_len=prompt_len + new_tokens + 8)
+    engine = DecodeEngine(model, slots=batch, max_len=prompt_len + new_tokens + 8, cuda_graphs=graphs)
     ttfts = []
     for p in prompts[batch:]:                              # the first one also warms up
         sync(device)
@@ -99,7 +119,8 @@ def engine_run(base: DBRX, fmt: str, device: torch.device, batch: int, prompt_le
         engine.step()                                      # ends with the tokens on the host
         steps.append(time.perf_counter() - start)
     step_s = statistics.median(steps)
-    return {"format": fmt, "batch": batch, "weights_mb": weight_bytes(model) / 2 ** 20,
+    return {"format": fmt, "batch": batch, "cuda_graphs": engine.cuda_graphs,
+            "weights_mb": weight_bytes(model) / 2 ** 20,
             "ttft_ms": statistics.median(ttfts[1:]) * 1e3, "step_ms": step_s * 1e3,
             "ms_per_layer_step": step_s * 1e3 / model.cfg.n_layers,
             "tok_s_per_user": 1.0 / step_s, "tok_s_aggregate": batch / step_s}
@@ -108,30 +129,72 @@ def engine_run(base: DBRX, fmt: str, device: torch.device, batch: int, prompt_le
 def engine_bench(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = QUICK if args.quick else FULL
-    batches = [1, 8] + ([64] if device.type == "cuda" else [])
-    prompt_len, new_tokens = (32, 12) if args.quick else (128, 64)
-    if device.type == "cpu" and not args.threads:
+    gpu = device.type == "cuda"
+    batches = [1, 8] + ([64] if gpu else [])
+    prompt_len, new_tokens = (32, 12) if args.quick else (2048, 32) if gpu else (128, 32)
+    if not gpu and not args.threads:
         torch.set_num_threads(1)          # steady numbers on a shared CPU; --threads to change
-    torch.manual_seed(0)
-    with torch.device("cpu"):
+    base = None
+    if not gpu:
+        torch.manual_seed(0)
         base = DBRX(cfg).eval()
-    points = [engine_run(base, fmt, device, b, prompt_len, new_tokens)
-              for fmt in formats(device) for b in batches]
-    return {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    points = []
+    for fmt in formats(device):
+        model = build(cfg, fmt, device, base)
+        if gpu and fmt == "bf16":
+            points.append(engine_run(model, fmt, device, 1, prompt_len, new_tokens, graphs=False))
+        points += [engine_run(model, fmt, device, b, prompt_len, new_tokens) for b in batches]
+        del model
+        if gpu:
+            torch.cuda.empty_cache()
+    return {"device": str(device) if not gpu else torch.cuda.get_device_name(device),
             "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "experts": cfg.moe_num_experts,
-                      "top_k": cfg.moe_top_k, "vocab": cfg.vocab_size},
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "points": points}
+                      "top_k": cfg.moe_top_k, "ffn": cfg.ffn_hidden_size, "vocab": cfg.vocab_size,
+                      "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim},
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "points": points,
+            "projection": projection(cfg, points)}
+
+
+def projection(cfg: DBRXConfig, points: list[dict]) -> dict | None:
+    """Tokens/s per user at batch 1 for the whole model on 8 GPUs, experts split 8 ways, from
+    the measured 8-bit batch-1 layer step.
+
+    The busiest GPU of a layer reads the attention weights and at most 2 of the 4 routed
+    experts (16 experts over 8 GPUs, 2 each), so the layer's time scales by those bytes
+    over the slice's (attention + 4 experts), plus two all-to-alls (ALL_TO_ALL_S each).
+    """
+    eight_bit = [p for p in points if p["batch"] == 1 and p["format"] in ("fp8", "int8") and p["cuda_graphs"]]
+    if not eight_bit:
+        return None
+    best = min(eight_bit, key=lambda p: p["ms_per_layer_step"])
+    d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+    attention = d * (d + 2 * kv) + d * d
+    expert = 3 * d * cfg.ffn_hidden_size
+    share = (attention + 2 * expert) / (attention + cfg.moe_top_k * expert)
+    layer_s = best["ms_per_layer_step"] / 1e3 * share + 2 * ALL_TO_ALL_S
+    return {"format": best["format"], "measured_ms_per_layer": best["ms_per_layer_step"],
+            "busiest_gpu_share": share, "all_to_all_s": ALL_TO_ALL_S, "layers": DBRX_LAYERS,
+            "ms_per_token": layer_s * DBRX_LAYERS * 1e3, "tok_s_per_user": 1.0 / (layer_s * DBRX_LAYERS)}
 
 
 def print_engine(report: dict) -> None:
     m = report["model"]
     print(f"decode engine on {report['device']}: d {m['d_model']} x {m['n_layers']} layers, {m['experts']} experts "
           f"top-{m['top_k']}, vocab {m['vocab']}; prompt {report['prompt_len']}, {report['new_tokens']} steps timed")
-    print(f"  {'weights':7s} {'batch':>5s} {'MB':>8s} {'TTFT ms':>9s} {'step ms':>9s} {'ms/layer':>9s} "
-          f"{'tok/s/user':>11s} {'tok/s':>10s}")
+    print(f"  {'weights':7s} {'graphs':6s} {'batch':>5s} {'MB':>8s} {'TTFT ms':>9s} {'step ms':>9s} "
+          f"{'ms/layer':>9s} {'tok/s/user':>11s} {'tok/s':>10s}")
     for p in report["points"]:
-        print(f"  {p['format']:7s} {p['batch']:5d} {p['weights_mb']:8.1f} {p['ttft_ms']:9.2f} {p['step_ms']:9.2f} "
-              f"{p['ms_per_layer_step']:9.3f} {p['tok_s_per_user']:11.1f} {p['tok_s_aggregate']:10.1f}")
+        print(f"  {p['format']:7s} {'yes' if p['cuda_graphs'] else 'no':6s} {p['batch']:5d} {p['weights_mb']:8.1f} "
+              f"{p['ttft_ms']:9.2f} {p['step_ms']:9.2f} {p['ms_per_layer_step']:9.3f} "
+              f"{p['tok_s_per_user']:11.1f} {p['tok_s_aggregate']:10.1f}")
+    proj = report.get("projection")
+    if proj:
+        print(f"projection, DBRX ({proj['layers']} layers) on 8 GPUs, experts split 8 ways, {proj['format']} "
+              f"weights, batch 1: {proj['measured_ms_per_layer']:.3f} ms/layer measured x "
+              f"{proj['busiest_gpu_share']:.2f} (the busiest GPU's bytes: attention + 2 of 4 routed experts) "
+              f"+ 2 all-to-alls of {proj['all_to_all_s'] * 1e6:.0f} us (assumed) = "
+              f"{proj['ms_per_token']:.2f} ms/token, {proj['tok_s_per_user']:.0f} tokens/s per user "
+              f"(target >= 150)")
 
 
 # ----------------------------------------------------------------------------- HTTP (--http)
@@ -293,7 +356,7 @@ def run(args, folder: str) -> dict:
     cfg = load_job(os.path.join(REPO, "conf", "local_tiny.yaml"), [
         "promote.registered_model=bench", f"serve.port={free_port()}", "serve.api_key=null",
         "serve.replica_cpus=0", "serve.num_replicas=1", "serve.max_replicas=1",
-        f"serve.max_batch_size={args.clients}", f"serve.max_tokens_limit={args.max_tokens}"])
+        f"serve.max_concurrent_sequences={args.clients}", f"serve.max_tokens_limit={args.max_tokens}"])
     ours = make_version(cfg, folder)
     results = measure(cfg, folder, ours, args.clients, args.max_tokens, args.rounds)
     return {"clients": args.clients, "max_tokens": args.max_tokens,

@@ -20,11 +20,20 @@ there is one decoding loop whichever way a model is called.
   a hash of (request seed, token index, vocab id), so a request samples the
   same tokens whatever else is in the batch and in whichever slot it sits.
   The step ends with one copy of the new tokens to the host.
+- On a GPU (`cuda_graphs=True`, the default there) the decode forward of each
+  (rows, key length) bucket is captured once as a CUDA graph and replayed:
+  a batch-1 step of a small model is otherwise bound by the host launching a
+  few hundred kernels. Graph buckets are powers of two (rows up to `slots`,
+  key lengths from `key_bucket` up to `max_len`), so a long-running server
+  captures at most log2(slots) x log2(max_len) graphs. Padding rows and keys
+  changes nothing: extra rows decode into their own unused slot and extra keys
+  are masked. A bucket whose capture fails (a kernel that syncs) stays eager.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -36,6 +45,35 @@ if TYPE_CHECKING:
     from model.dbrx import DBRX
 
 _M32 = 0xFFFFFFFF
+log = logging.getLogger("model.decode")
+
+
+def _pow2_at_least(n: int, floor: int, ceiling: int) -> int:
+    """The smallest power-of-two multiple of `floor` that is >= n, at most `ceiling`."""
+    size = floor
+    while size < n:
+        size *= 2
+    return min(size, ceiling)
+
+
+class _Graph:
+    """One captured decode forward (rows, key_len): replay() refreshes `logits` in place."""
+
+    def __init__(self, engine: "DecodeEngine", rows: int, key_len: int, pool) -> None:
+        tokens, positions = engine._tokens[:rows], engine._pos[:rows]     # views of the engine's buffers
+        side = torch.cuda.Stream(engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):     # warm-up: lazy inits and autotuning happen outside the capture
+            for _ in range(2):
+                engine.forward_step(tokens, positions, key_len)
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = engine.forward_step(tokens, positions, key_len)
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -111,15 +149,25 @@ class DecodeEngine:
 
     The model must not be training (router jitter); `generate` and the server
     put it in eval mode.
+
+    Expert-parallel model (ep_size > 1): every rank of its group holds an
+    engine and makes the same calls in the same order with the same arguments
+    (lock step, platform.serving.shards), so each forward's all-to-all finds
+    every rank; each rank then holds the whole batch and gets back the expert
+    outputs of its own copy of the tokens. Seeds must be explicit for sampled
+    rows (a seed drawn here would differ per rank). No CUDA graphs then.
     """
 
     def __init__(self, model: "DBRX", slots: int, max_len: int, *, key_bucket: int = 64,
-                 max_prefill_tokens: int = 8192):
+                 max_prefill_tokens: int = 8192, cuda_graphs: Optional[bool] = None,
+                 pow2_buckets: Optional[bool] = None):
+        """`cuda_graphs`: replay captured decode steps (default: on a CUDA device; never elsewhere).
+        `pow2_buckets`: pad steps to power-of-two rows and key lengths (default: with CUDA graphs)."""
         if slots < 1:
             raise ValueError(f"a decode engine needs at least one slot, got {slots}")
-        if model.ep_size > 1:
-            raise ValueError("the decode engine runs a whole model; under expert parallelism use "
-                             "model.generate on every rank")
+        if model.ep_size > 1 and cuda_graphs:
+            raise ValueError("CUDA graphs cannot capture an expert-parallel step: the all-to-all "
+                             "sizes go through the host")
         self.model, self.cfg = model, model.cfg
         self.device, self.dtype = model.wte.weight.device, model.wte.weight.dtype
         self.cache = StaticKVCache(model.cfg, slots, max_len, self.device, self.dtype)
@@ -140,6 +188,13 @@ class DecodeEngine:
         self._fresh: set[int] = set()
         self._sampled: set[int] = set()                               # slots that do not decode greedily
         self.last_logits: Optional[torch.Tensor] = None               # of the latest prefill or step
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device}")
+        self.cuda_graphs = on_cuda and model.ep_size == 1 if cuda_graphs is None else cuda_graphs
+        self.pow2_buckets = self.cuda_graphs if pow2_buckets is None else pow2_buckets
+        self._graphs: dict[tuple[int, int], Optional[_Graph]] = {}     # None: capture failed, eager
+        self._pool = None
 
     # ------------------------------------------------------------------ slots
 
@@ -247,13 +302,11 @@ class DecodeEngine:
             full = [s for s in running if self._lengths[s] >= self.max_len]
             if full:
                 raise RuntimeError(f"slots {full} reached the cache length {self.max_len}: release them first")
-            rows = running[-1] + 1
-            key_len = min(self.max_len, -(-(max(self._lengths[s] for s in running) + 1) // self.key_bucket)
-                          * self.key_bucket)
+            rows, key_len = self.bucket(running[-1] + 1, max(self._lengths[s] for s in running) + 1)
             live = torch.zeros(rows, dtype=torch.bool)
             live[running] = True
             live = live.to(self.device, non_blocking=True)
-            logits = self.forward_step(self._tokens[:rows], self._pos[:rows], key_len)
+            logits = self._decode_forward(rows, key_len)
             self.last_logits = logits
             if self._sampled.intersection(running):
                 new = sample_tokens(logits, self._temp[:rows], self._top_p[:rows], self._top_k[:rows],
@@ -272,6 +325,32 @@ class DecodeEngine:
             return {}
         index = torch.tensor(report, dtype=torch.long).to(self.device, non_blocking=True)
         return dict(zip(report, self._tokens.index_select(0, index).tolist()))
+
+    def bucket(self, rows: int, keys: int) -> tuple[int, int]:
+        """The (rows, key length) a step over `rows` slots and `keys` positions runs at: key length
+        rounded up to `key_bucket`, or both to powers of two (`pow2_buckets`: few CUDA graphs)."""
+        if not self.pow2_buckets:
+            return rows, min(self.max_len, -(-keys // self.key_bucket) * self.key_bucket)
+        return (_pow2_at_least(rows, 1, self.slots),
+                _pow2_at_least(keys, self.key_bucket, self.max_len))
+
+    def _decode_forward(self, rows: int, key_len: int) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self.forward_step(self._tokens[:rows], self._pos[:rows], key_len)
+        key = (rows, key_len)
+        if key not in self._graphs:
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                self._graphs[key] = _Graph(self, rows, key_len, self._pool)
+            except Exception as exc:      # e.g. a kernel that syncs with the host: stay eager
+                log.warning("decode step (rows %d, keys %d) runs eagerly: CUDA graph capture failed: %s",
+                            rows, key_len, exc)
+                self._graphs[key] = None
+        graph = self._graphs[key]
+        if graph is None:
+            return self.forward_step(self._tokens[:rows], self._pos[:rows], key_len)
+        return graph.replay()
 
     def _prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Run right-padded prompts ids (n, width) of `lengths` (n,), writing their keys/values into

@@ -185,3 +185,34 @@ def test_a_failed_prefill_admits_none_and_keeps_every_slot(model, monkeypatch):
     monkeypatch.undo()
     assert set(engine.step()) == {kept}                 # the admitted one carries on alone
     assert engine.admit([3]) != kept
+
+
+def _decode_all(engine: DecodeEngine, prompts, samplings, steps: int) -> dict[int, list[int]]:
+    """Admit the prompts one step apart (so rows and lengths differ) and decode; slot -> tokens."""
+    out: dict[int, list[int]] = {}
+    pending = list(zip(prompts, samplings))
+    for _ in range(steps):
+        if pending:
+            prompt, sampling = pending.pop(0)
+            out[engine.admit(prompt, sampling)] = []
+        for slot, token in engine.step().items():
+            out[slot].append(token)
+    return out
+
+
+def test_power_of_two_buckets_decode_the_same_tokens(model):
+    """CUDA graphs replay steps padded to power-of-two rows and key lengths: the padding rows
+    decode into their own unused slots and the padding keys are masked, so nothing changes."""
+    prompts = [[3, 14, 15], [7, 1, 8, 2, 8, 1, 8], [40, 41], [5] * 9, [9, 9, 8]]
+    samplings = [Sampling(), Sampling(temperature=0.9, seed=5), Sampling(), Sampling(temperature=1.2, top_p=0.8,
+                                                                                      seed=11), Sampling()]
+    fine = DecodeEngine(model, slots=6, max_len=64, key_bucket=8, pow2_buckets=False)
+    padded = DecodeEngine(model, slots=6, max_len=64, key_bucket=8, pow2_buckets=True)
+    assert padded.bucket(3, 9) == (4, 16) and padded.bucket(6, 60) == (6, 64) and fine.bucket(3, 9) == (3, 16)
+    assert _decode_all(fine, prompts, samplings, 20) == _decode_all(padded, prompts, samplings, 20)
+
+
+def test_cuda_graphs_are_refused_off_a_gpu(model):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        DecodeEngine(model, slots=2, max_len=16, cuda_graphs=True)
+    assert not DecodeEngine(model, slots=2, max_len=16).cuda_graphs
