@@ -240,7 +240,9 @@ class DBRX(nn.Module):
 
         loss = lm_loss = None
         if shift_labels is not None:
-            lm_loss = linear_cross_entropy(x, self.lm_head.weight, shift_labels)
+            head = self.lm_head
+            weight = head.weight if isinstance(head, nn.Linear) else head.dequantized_weight(x.dtype)
+            lm_loss = linear_cross_entropy(x, weight, shift_labels)
             loss = objective(self.cfg, lm_loss, lb_loss, z_loss)
         return DBRXOutput(logits=logits, loss=loss, lm_loss=lm_loss, lb_loss=lb_loss, z_loss=z_loss,
                           expert_counts=torch.stack(counts), kv_cache=kv_cache)

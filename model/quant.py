@@ -77,6 +77,10 @@ class Int8Linear(nn.Module):
         # Scaling the output rather than the weight: the same product, without a scaled weight copy.
         return F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
 
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, in) weight in `dtype`: for the chunked LM-head loss, which needs the matrix."""
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+
 
 class Fp8Linear(nn.Module):
     """fp8 e4m3 weights (per output row) times fp8 activations (per token) with torch._scaled_mm."""
@@ -103,6 +107,10 @@ class Fp8Linear(nn.Module):
         out = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale,
                                out_dtype=torch.bfloat16)
         return out[:n].view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, in) weight in `dtype`: for the chunked LM-head loss, which needs the matrix."""
+        return self.qweight.to(dtype) * self.scale.view(-1, 1).to(dtype)
 
 
 class QuantExperts(nn.Module):

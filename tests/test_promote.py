@@ -272,3 +272,24 @@ def test_versions_on_remote_artifact_stores_are_downloaded_once(job_file, commit
     assert reg_.local_files(ref, tmp_path / "cache") == downloaded
     assert (downloaded / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "cache" / "remote-model").iterdir()] == ["1"]   # no staging left
+
+
+def test_the_gate_evaluates_both_models_at_the_precision_they_will_be_served_in(job_file, commit_checkpoint,
+                                                                                 random_model):
+    from platform.registry.evaluate import heldout_batches, heldout_loss
+
+    cfg = job(job_file, "served")
+    store = open_checkpoints(cfg)
+    base = random_model(cfg.model, 1, std=0.2)
+    commit_checkpoint(store, base, 1)
+    promote(cfg, gate=False)
+    commit_checkpoint(store, base, 2)                      # the same weights again
+    int8 = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, weights="int8"))
+    result = promote(int8, step=2)                         # promote.gate_weights: serve -> int8
+    fp32_loss = heldout_loss(base, heldout_batches(cfg))
+    # both sides quantized alike: equal to each other, and not the fp32 loss
+    assert result.candidate_loss == result.previous_loss != fp32_loss
+    assert abs(result.candidate_loss - fp32_loss) < 0.05
+    explicit = dataclasses.replace(int8, promote=dataclasses.replace(int8.promote, gate_weights="fp32"))
+    commit_checkpoint(store, base, 3)
+    assert promote(explicit, step=3).candidate_loss == pytest.approx(fp32_loss, abs=1e-6)

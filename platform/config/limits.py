@@ -163,6 +163,7 @@ RANGES: dict[str, Range] = {
     "serve.alias_poll_s": _positive(DAY_S),
     "serve.replica_cpus": Range(0, 1024),
     "serve.replica_gpus": Range(0, 64),
+    "serve.devices_per_replica": _count(1, 64, "devices one replica's experts are split over"),
 }
 
 

@@ -150,6 +150,9 @@ class PromoteConfig:
     auto: bool = False                 # promote the final checkpoint when training ends
     gate: bool = True                  # refuse a version whose held-out loss is worse
     gate_tolerance: float = 0.0        # held-out loss increase (nats) the gate still accepts
+    # Weights the gate evaluates both models at: "serve" (serve.weights: what the endpoint will run;
+    # auto = the checkpoint's fp32), or fp32 / bf16 / int8 / fp8 (fp8 needs a Hopper GPU).
+    gate_weights: str = "serve"
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,9 @@ class ServeConfig:
     # Weights as served, quantized at load: auto (bf16 on GPU, checkpoint dtype on CPU), fp32, bf16,
     # int8 (weight-only, any device) or fp8 (e4m3, CUDA compute capability 9.0+ only).
     weights: str = "auto"
+    # Devices one replica spans: its experts split this many ways (expert parallelism, one process
+    # per device, lock-step decoding); must divide model.moe_num_experts.
+    devices_per_replica: int = 1
     start_after_training: bool = False
     alias_poll_s: float = 5.0          # how often replicas re-resolve model_alias (rolling update)
     replica_cpus: float = 1.0          # Ray resources reserved per replica

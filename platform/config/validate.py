@@ -293,11 +293,21 @@ def _check_serve(cfg: JobConfig, bad: Bad) -> None:
     problem = name_problem(s.model_alias)
     if problem:
         bad("serve.model_alias", problem)
+    if cfg.promote.gate_weights not in ("serve", *_SERVE_WEIGHTS[1:]):
+        bad("promote.gate_weights", f"{describe(cfg.promote.gate_weights)} is not one of serve, "
+                                    f"{', '.join(_SERVE_WEIGHTS[1:])}")
     if s.weights not in _SERVE_WEIGHTS:
         bad("serve.weights", f"{describe(s.weights)} is not one of {', '.join(_SERVE_WEIGHTS)}")
     elif s.weights == "fp8" and s.replica_gpus == 0:
         bad("serve.weights", "fp8 weights need a GPU replica (serve.replica_gpus > 0, compute "
                              "capability 9.0+); use int8 on CPU")
+    n, experts = s.devices_per_replica, cfg.model.moe_num_experts
+    if n >= 1 and experts % n:
+        bad("serve.devices_per_replica", f"{n} does not divide model.moe_num_experts={experts}: each "
+                                         "device of a replica holds an equal share of the experts")
+    elif n > 1 and s.replica_gpus > 0 and cfg.cluster.gpus_per_node and n > cfg.cluster.gpus_per_node:
+        bad("serve.devices_per_replica", f"{n} GPUs per replica but a node has cluster.gpus_per_node="
+                                         f"{cfg.cluster.gpus_per_node}: a replica's devices share one node")
     from platform.serving.origin import OriginPolicy   # the rule the server applies, checked here
 
     try:

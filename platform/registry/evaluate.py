@@ -36,6 +36,26 @@ def heldout_batches(cfg: "JobConfig") -> list["torch.Tensor"]:
     return batches
 
 
+def gate_weights(cfg: "JobConfig") -> str:
+    """The weight format the gate evaluates at: promote.gate_weights, "serve" meaning what the
+    endpoint will run (serve.weights; its "auto" serves a CPU checkpoint as stored, fp32)."""
+    chosen = cfg.promote.gate_weights
+    if chosen == "serve":
+        chosen = cfg.serve.weights
+    return "fp32" if chosen == "auto" else chosen
+
+
+def as_served(model: "DBRX", weights: str) -> "DBRX":
+    """`model` with `weights` (fp32, bf16, int8, fp8) as the endpoint quantizes them at load."""
+    from model.quant import quantize_model
+
+    try:
+        return quantize_model(model, weights)
+    except ValueError as exc:      # fp8 off a Hopper GPU
+        raise UserError(f"the promotion gate cannot evaluate {weights} weights here ({exc}); set "
+                        "promote.gate_weights to fp32, bf16 or int8") from None
+
+
 def heldout_loss(model: "DBRX", batches: list["torch.Tensor"]) -> float:
     """Mean next-token cross entropy of `model` over `batches`."""
     import torch

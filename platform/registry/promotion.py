@@ -166,17 +166,22 @@ def _candidate_model(cfg: JobConfig, folder: Path) -> "DBRX":
 def _gate(cfg: JobConfig, registry: ModelRegistry, candidate: "DBRX", current: VersionRef,
           step: int, alias: str) -> tuple[float, float]:
     """(candidate loss, current loss) on the same held-out batches; raises GateRefused if worse."""
-    from platform.registry.artifacts import load_version
-    from platform.registry.evaluate import heldout_batches, heldout_loss
+    import copy
 
+    from platform.registry.artifacts import load_version
+    from platform.registry.evaluate import as_served, gate_weights, heldout_batches, heldout_loss
+
+    weights = gate_weights(cfg)
     batches = heldout_batches(cfg)
-    candidate_loss = heldout_loss(candidate, batches)
+    served = candidate if weights == "fp32" else as_served(copy.deepcopy(candidate), weights)
+    candidate_loss = heldout_loss(served, batches)
+    del served
     current_model, _ = load_version(registry.local_files(current, Path(state_dir()) / "registry-cache"))
-    current_loss = heldout_loss(current_model, batches)
+    current_loss = heldout_loss(as_served(current_model, weights), batches)
     del current_model
     tolerance = cfg.promote.gate_tolerance
-    log.info("gate: candidate step %d held-out loss %.4f, %s %.4f", step, candidate_loss, current.label,
-             current_loss)
+    log.info("gate: candidate step %d held-out loss %.4f, %s %.4f (%s weights, as served)", step,
+             candidate_loss, current.label, current_loss, weights)
     if candidate_loss > current_loss + tolerance:
         sequences = sum(len(b) for b in batches)
         slack = f" (tolerance {tolerance:g})" if tolerance else ""

@@ -117,15 +117,28 @@ class OpenAIServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.auth = ApiKeyCheck(settings.api_key_digest)
-        self.loader = ModelLoader(settings)
-        self._model: LoadedModel = self.loader.load()
-        slots = engine_slots(self._model.model, self._context(self._model), settings.max_concurrent_sequences,
-                             settings.max_kv_cache_mb * 2**20 if settings.max_kv_cache_mb else None)
-        self.scheduler = Scheduler(slots, self._context).start(self._model)
         self._watcher: Optional[AliasWatcher] = None
-        if settings.source.follows_alias:
-            self._watcher = AliasWatcher(self.loader, lambda: self._model, self._install,
-                                         settings.alias_poll_s).start()
+        self.scheduler: Optional[Scheduler] = None
+        self.shards = None          # platform.serving.shards.ShardGroup: ranks 1.. of a multi-device replica
+        try:
+            self.loader = ModelLoader(settings)
+            make_engine = None
+            if settings.devices_per_replica > 1:
+                from platform.serving.shards import ShardGroup, ShardedLoader
+
+                self.shards = ShardGroup.start(settings)
+                self.loader = ShardedLoader(settings, self.shards)
+                make_engine = self.shards.engine
+            self._model: LoadedModel = self.loader.load()
+            slots = engine_slots(self._model.model, self._context(self._model), settings.max_concurrent_sequences,
+                                 settings.max_kv_cache_mb * 2**20 if settings.max_kv_cache_mb else None)
+            self.scheduler = Scheduler(slots, self._context, make_engine).start(self._model)
+            if settings.source.follows_alias:
+                self._watcher = AliasWatcher(self.loader, lambda: self._model, self._install,
+                                             settings.alias_poll_s).start()
+        except BaseException:
+            self.shutdown()
+            raise
         log.info("serving %s version %s (%s)", self._model.model_id, self._model.version,
                  settings.source.describe())
 
@@ -138,18 +151,27 @@ class OpenAIServer:
         cap = self.settings.max_context_tokens
         return min(loaded.max_seq_len, cap) if cap else loaded.max_seq_len
 
-    def __del__(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the threads, then the shard processes of a multi-device replica (idempotent)."""
         if getattr(self, "_watcher", None) is not None:
             self._watcher.stop()
         if getattr(self, "scheduler", None) is not None:
-            self.scheduler.stop()
+            self.scheduler.stop(timeout=30 if getattr(self, "shards", None) is not None else None)
+        if getattr(self, "shards", None) is not None:
+            self.shards.shutdown()
+
+    def __del__(self) -> None:
+        self.shutdown()
 
     def check_health(self) -> None:
-        """Serve's replica health check: a replica whose alias watcher or scheduler stopped is replaced."""
+        """Serve's replica health check: a replica whose alias watcher or scheduler stopped, or
+        whose shards fell out of lock step, is replaced."""
         if self._watcher is not None and not self._watcher.alive:
             raise RuntimeError("the alias watcher thread stopped")
         if not self.scheduler.alive:
             raise RuntimeError("the scheduler thread stopped")
+        if self.shards is not None and not self.shards.alive:
+            raise RuntimeError(f"a shard of this replica failed: {self.shards.failed}")
 
     # ------------------------------------------------------------------ routes
 

@@ -117,8 +117,12 @@ class Scheduler:
     context(loaded) -> the positions a slot holds for that model version.
     """
 
-    def __init__(self, slots: int, context: Callable[[Any], int]):
+    def __init__(self, slots: int, context: Callable[[Any], int],
+                 make_engine: Optional[Callable[[Any, int, int], Any]] = None):
+        """`make_engine(loaded, slots, context)`: the engine of a model version (default: a
+        DecodeEngine; a replica over several devices gives platform.serving.shards' engine)."""
         self.slots, self._context = slots, context
+        self._make_engine = make_engine or (lambda loaded, n, context: DecodeEngine(loaded.model, n, context))
         self._lock = threading.Lock()
         self._reserved = 0
         self._pending: deque[tuple[GenerationRequest, Emit]] = deque()
@@ -136,9 +140,12 @@ class Scheduler:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop the loop; with `timeout`, wait that long for the step in progress to end."""
         self._stop.set()
         self._wake.set()
+        if timeout is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -222,6 +229,8 @@ class Scheduler:
                         self._finish(engine, tracked, slot)
             if not tracked and loaded is not self._current:
                 del self._engines[key]          # an old version with nothing left: free its cache
+                if hasattr(engine, "close"):
+                    engine.close()
         self.steps += 1
 
     def _finish(self, engine: DecodeEngine, tracked: dict, slot: int) -> None:
@@ -238,9 +247,8 @@ class Scheduler:
     def _engine_for(self, loaded: Any) -> tuple[Any, DecodeEngine, dict]:
         key = id(loaded)
         if key not in self._engines:
-            model = loaded.model
-            model.eval()
-            self._engines[key] = (loaded, DecodeEngine(model, self.slots, self._context(loaded)), {})
+            loaded.model.eval()
+            self._engines[key] = (loaded, self._make_engine(loaded, self.slots, self._context(loaded)), {})
         return self._engines[key]
 
 

@@ -8,7 +8,9 @@ deploys; `start_serving` returns once it answers.
 
 Replicas: serve.num_replicas, autoscaling up to serve.max_replicas on ongoing
 requests (target: one full batch per replica), each reserving
-serve.replica_cpus / serve.replica_gpus.
+serve.replica_cpus / serve.replica_gpus per device. A replica of
+serve.devices_per_replica > 1 devices gets a placement group of that many
+bundles on one node (platform.serving.shards starts its other ranks there).
 
 A Ray instance started here for serving is one machine's: its processes listen
 on 127.0.0.1 only, none of them inherits the API key (replicas get its digest),
@@ -108,7 +110,8 @@ def server_settings(cfg: JobConfig, source: ModelSource) -> ServerSettings:
         cache_dir=os.path.join(state_dir(), "registry-cache"), max_tokens_limit=s.max_tokens_limit,
         alias_poll_s=s.alias_poll_s, api_key_digest=key_digest(s.api_key), use_gpu=s.replica_gpus > 0,
         max_concurrent_sequences=s.max_concurrent_sequences, max_kv_cache_mb=s.max_kv_cache_mb,
-        max_context_tokens=s.max_context_tokens, weights=s.weights, origins=origins)
+        max_context_tokens=s.max_context_tokens, weights=s.weights, devices_per_replica=s.devices_per_replica,
+        replica_cpus=s.replica_cpus, replica_gpus=s.replica_gpus, origins=origins)
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
@@ -119,6 +122,11 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
         "graceful_shutdown_timeout_s": 30,
     }
+    bundle = {k: v for k, v in (("CPU", s.replica_cpus), ("GPU", s.replica_gpus)) if v > 0}
+    if s.devices_per_replica > 1 and bundle:
+        # One bundle per device, all on one node: the replica takes the first, its shards the rest.
+        options["placement_group_bundles"] = [dict(bundle) for _ in range(s.devices_per_replica)]
+        options["placement_group_strategy"] = "STRICT_PACK"
     if s.max_replicas > s.num_replicas:
         options["autoscaling_config"] = {"min_replicas": s.num_replicas, "initial_replicas": s.num_replicas,
                                          "max_replicas": s.max_replicas,

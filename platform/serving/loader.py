@@ -78,6 +78,11 @@ class ServerSettings:
     max_context_tokens: int = 0
     # Weights as served: auto (bf16 on a GPU, the checkpoint's dtype on CPU), fp32, bf16, int8, fp8.
     weights: str = "auto"
+    # Devices one replica spans (platform.serving.shards): its experts split this many ways, one
+    # process per device, each reserving replica_cpus / replica_gpus.
+    devices_per_replica: int = 1
+    replica_cpus: float = 0.0
+    replica_gpus: float = 0.0
     origins: OriginPolicy = OriginPolicy.build("127.0.0.1", 8000)   # Host/Origin checks (serve.host/port)
 
 
@@ -88,6 +93,7 @@ class LoadedModel:
     model_id: str       # what /v1/models lists and requests must name
     version: str        # the x-model-version header: registry version, or "step-<N>" for a path
     created: int        # unix time the weights were loaded
+    shard_key: Optional[int] = None   # the same weights' name on the replica's other devices (shards)
 
     @property
     def max_seq_len(self) -> int:
@@ -95,8 +101,12 @@ class LoadedModel:
 
 
 class ModelLoader:
-    def __init__(self, settings: ServerSettings):
+    """Loads what `settings` serve. `ep_group`: an expert-parallel group this process is a rank
+    of; the model then holds only this rank's experts (read alone from the files where they allow)."""
+
+    def __init__(self, settings: ServerSettings, ep_group=None):
         self.settings = settings
+        self.ep_group = ep_group
         self.source = settings.source
         self.registry = None if self.source.checkpoint else ModelRegistry(settings.tracking)
 
@@ -113,22 +123,20 @@ class ModelLoader:
         return self.registry.get_version(self.source.name, self.source.version)
 
     def load_ref(self, ref: VersionRef) -> LoadedModel:
-        from platform.registry.artifacts import load_version
-
         assert self.registry is not None
         folder = self.registry.local_files(ref, self.settings.cache_dir)
-        model, tok = load_version(folder, **self._placement())
+        model, tok = self._load_folder(folder)
         return LoadedModel(self._finish(model), tok, self.source.name, ref.version, int(time.time()))
 
     def load_path(self, path: Path) -> LoadedModel:
         """A version folder / HF export (config.json + safetensors) or a committed training checkpoint."""
-        from platform.registry.artifacts import PICKLE_SUFFIXES, load_version, read_lineage
+        from platform.registry.artifacts import PICKLE_SUFFIXES, read_lineage
         from platform.checkpoint.trainer_state import TRAINER_FILE
 
         if not path.is_dir():
             raise UserError(f"checkpoint {path} is not a folder")
         if not (path / TRAINER_FILE).is_file():
-            model, tok = load_version(path, **self._placement())
+            model, tok = self._load_folder(path)
             step = read_lineage(path).get("step")
             version = f"step-{step}" if step is not None else path.name
             return LoadedModel(self._finish(model), tok, self.source.name, version, int(time.time()))
@@ -150,7 +158,9 @@ class ModelLoader:
         if cfg is None:
             raise UserError(f"{path} is a training checkpoint: its model config must be given")
         try:
-            model = model_from_state_dict(cfg, consolidated_weights(path, cfg.moe_num_experts))
+            state = consolidated_weights(path, cfg.moe_num_experts)
+            model = (model_from_state_dict(cfg, state) if self.ep_group is None
+                     else self._sharded_model(cfg, state))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"checkpoint {path} does not fit the job's model config: "
                             f"{str(exc).splitlines()[0][:300]}") from exc
@@ -158,6 +168,48 @@ class ModelLoader:
         if placement["device"] != "cpu" or placement["dtype"] is not None:
             model = model.to(device=placement["device"], dtype=placement["dtype"])
         return model.eval(), get_tokenizer(cfg.vocab_size)
+
+    def _load_folder(self, folder: Path) -> tuple["DBRX", "Tokenizer"]:
+        """A version folder / HF export: whole, or this rank's experts only (safetensors rows)."""
+        from platform.registry.artifacts import load_version
+
+        if self.ep_group is None:
+            return load_version(folder, **self._placement())
+        import json
+
+        from model import DBRX
+        from platform.data import get_tokenizer
+        from platform.registry.artifacts import (
+            CONFIG_FILE, TOKENIZER_FILE, VersionFormatError, check_safetensors_only, tokenizer_from_spec,
+        )
+
+        folder = Path(folder)
+        check_safetensors_only(folder)
+        spec = folder / TOKENIZER_FILE
+        try:
+            tok = (tokenizer_from_spec(json.loads(spec.read_text()), str(spec)) if spec.is_file() else
+                   get_tokenizer(int(json.loads((folder / CONFIG_FILE).read_text())["vocab_size"])))
+            model = DBRX.from_hf(str(folder), ep_group=self.ep_group, **self._placement())
+        except VersionFormatError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VersionFormatError(f"cannot load the model in {folder}: {exc}") from exc
+        return model.eval(), tok
+
+    def _sharded_model(self, cfg: "DBRXConfig", state: dict) -> "DBRX":
+        """A DBRX of this rank's experts from a full state dict (every expert stacked)."""
+        import torch
+
+        from model import DBRX
+
+        with torch.device("meta"):
+            model = DBRX(cfg, ep_group=self.ep_group)
+        rows = {name: slice(model.local_experts.start * cfg.ffn_hidden_size,
+                            model.local_experts.stop * cfg.ffn_hidden_size)
+                for name, p in model.named_parameters() if any(p is q for q in model.expert_parameters())}
+        local = {k: (v[rows[k]].contiguous() if k in rows else v) for k, v in state.items()}
+        model.assign_state_dict(local)
+        return model.eval()
 
     def _placement(self) -> dict:
         """Where the checkpoint is loaded and in which dtype (8-bit formats quantize from it after)."""
