@@ -56,7 +56,24 @@ class Job:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
+            self.stop_cluster()
             raise AssertionError(f"submit did not finish in {timeout}s; log:\n{self.output()[-4000:]}")
+
+    def stop_cluster(self) -> None:
+        """Kill what the job started outside its process group (the Ray head, the Terraform
+        nodes): processes whose environment names this job's state dir."""
+        import psutil
+
+        for proc in psutil.process_iter():
+            if proc.pid == os.getpid():
+                continue
+            try:
+                env = proc.environ()
+                if (env.get("DBRX_PLATFORM_HOME") == str(self.home)
+                        or env.get("DBRX_NODE_DIR", "").startswith(str(self.home))):
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
 
     def run(self, *extra: str, timeout: float = 1200) -> int:
         return self.start(*extra).wait(timeout)
