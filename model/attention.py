@@ -45,6 +45,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def _kv_buffers(cfg: DBRXConfig, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                hint: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed keys and values (layers, rows, kv_heads, max_len, head_dim) of a cache; `hint` says
+    what to do when max_len exceeds the model's context."""
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"a cache of {max_len} positions exceeds the model context "
+                         f"max_seq_len={cfg.max_seq_len}: {hint}")
+    shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+    return (torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype))
+
+
 class KVCache:
     """Pre-allocated keys and values of every layer for incremental decoding.
 
@@ -55,12 +67,8 @@ class KVCache:
 
     def __init__(self, cfg: DBRXConfig, batch_size: int, max_len: int,
                  device: torch.device, dtype: torch.dtype):
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"a cache of {max_len} positions exceeds the model context "
-                             f"max_seq_len={cfg.max_seq_len}: shorten the prompt or max_new_tokens")
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = _kv_buffers(cfg, batch_size, max_len, device, dtype,
+                                     "shorten the prompt or max_new_tokens")
         self.valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
         self.max_len = max_len
         self.length = 0
@@ -96,12 +104,7 @@ class StaticKVCache:
 
     def __init__(self, cfg: DBRXConfig, slots: int, max_len: int, device: torch.device,
                  dtype: torch.dtype):
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"a cache of {max_len} positions exceeds the model context "
-                             f"max_seq_len={cfg.max_seq_len}")
-        shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = _kv_buffers(cfg, slots, max_len, device, dtype, "serve shorter requests")
         self.slots, self.max_len = slots, max_len
 
     @staticmethod

@@ -231,11 +231,18 @@ def test_download_copies_and_verifies(ckpts, tmp_path):
 # ----------------------------------------------------------------------------- ranks
 
 
-def test_ranks_on_other_hosts_push_their_files_and_rank0_commits(any_store, tmp_path):
+def _two_hosts(any_store, tmp_path):
+    """Rank 0 and rank 1 on different hosts (their own staging folders) writing one attempt at
+    step 7 of the same store: (host0, host1, staging0, staging1); the token is what rank 0
+    broadcasts."""
     host0 = CheckpointStore(any_store, staging_root=tmp_path / "host0")
     host1 = CheckpointStore(any_store, staging_root=tmp_path / "host1")
     staging0 = host0.begin(7)
-    staging1 = host1.attach(staging0.token)  # token broadcast from rank 0
+    return host0, host1, staging0, host1.attach(staging0.token)
+
+
+def test_ranks_on_other_hosts_push_their_files_and_rank0_commits(any_store, tmp_path):
+    host0, host1, staging0, staging1 = _two_hosts(any_store, tmp_path)
     if isinstance(any_store, LocalStore):
         assert staging1.path == staging0.path  # one folder on the shared filesystem
     else:
@@ -252,10 +259,7 @@ def test_ranks_on_other_hosts_push_their_files_and_rank0_commits(any_store, tmp_
 
 
 def test_commit_refuses_pushed_files_that_do_not_match(any_store, tmp_path):
-    host0 = CheckpointStore(any_store, staging_root=tmp_path / "host0")
-    host1 = CheckpointStore(any_store, staging_root=tmp_path / "host1")
-    staging0 = host0.begin(7)
-    staging1 = host1.attach(staging0.token)
+    host0, host1, staging0, staging1 = _two_hosts(any_store, tmp_path)
     staging1.file("w.bin").write_bytes(b"x" * 10)
     (entry,) = host1.push(staging1, ["w.bin"])
     lying = FileEntry(entry.path, entry.size + 1, entry.sha256)
@@ -269,10 +273,7 @@ def test_commit_refuses_pushed_files_that_do_not_match(any_store, tmp_path):
 
 def test_ranks_post_records_without_collectives_and_they_stay_out_of_the_checkpoint(any_store, tmp_path):
     """What a background commit uses instead of gather_object: records through the store."""
-    host0 = CheckpointStore(any_store, staging_root=tmp_path / "host0")
-    host1 = CheckpointStore(any_store, staging_root=tmp_path / "host1")
-    staging0 = host0.begin(7)
-    staging1 = host1.attach(staging0.token)
+    host0, host1, staging0, staging1 = _two_hosts(any_store, tmp_path)
     staging1.file("rank1.bin").write_bytes(b"r1" * 700)
     pushed = [e.to_json() for e in host1.push(staging1, ["rank1.bin"])]
     host1.post(staging1, 2, {"rank": 2, "entries": []})
