@@ -228,8 +228,8 @@ def _runs(values: list[float]) -> list[float]:
     return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
 
 
-LONGER = ["train.total_tokens=49152", "checkpoint.every_steps=4", "train.eval_every_steps=1000",
-          "promote.auto=false"]                                  # 24 steps
+LONGER = ["train.total_tokens=61440", "checkpoint.every_steps=4", "train.eval_every_steps=1000",
+          "promote.auto=false"]                                  # 30 steps: room to grow back and shrink again
 
 
 def test_lost_nodes_are_replaced_the_run_shrinks_meanwhile_and_finishes_when_capacity_runs_out(
@@ -251,19 +251,19 @@ def test_lost_nodes_are_replaced_the_run_shrinks_meanwhile_and_finishes_when_cap
     # Steps were trained on the survivor meanwhile (the resume point plus at least one step).
     assert job.history("world_size").count(1.0) >= 2, job.history("world_size")
     grown_at = max(job.metric("loss"))
-    assert grown_at < 24, "the run finished before it grew back"
+    assert grown_at < 30, "the run finished before it grew back"
 
     exhausted.touch()                                          # capacity dries up
     _kill_node(prov)
     assert job.wait(1200) == 0, job.output()[-4000:]
-    assert sorted(job.metric("loss")) == list(range(1, 25))     # no step lost
+    assert sorted(job.metric("loss")) == list(range(1, 31))     # no step lost
     assert _runs(job.history("world_size"))[-4:] == [2.0, 1.0, 2.0, 1.0]
     for event in ("restart", "node_lost", "node_replaced", "world_size_change", "capacity_short"):
         assert job.metric(f"events.{event}"), event
     assert max(job.metric("events.node_lost").values()) == 2
     out = job.output()
     assert "capacity was short" in out and "InsufficientInstanceCapacity" in out
-    assert "finished at step 24 on 1 worker" in out
+    assert "finished at step 30 on 1 worker" in out
 
 
 def _cli(job: Job, command: str, *args: str, timeout: float = 120) -> str:
