@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -11,7 +13,7 @@ from model.config import DBRXConfig
 from platform.data import get_tokenizer
 from platform.serving import chat
 from platform.serving.auth import ApiKeyCheck, key_digest
-from platform.serving.engine import BatchDecoder, GenerationRequest, SamplingParams, plan_groups
+from platform.serving.engine import GenerationRequest, SamplingParams, Scheduler
 from platform.serving.errors import APIError, from_validation
 from platform.serving.openai_schema import ChatCompletionRequest, ChatMessage, CompletionRequest
 from platform.serving.origin import OriginPolicy, require_json
@@ -33,17 +35,35 @@ def tok():
     return get_tokenizer()
 
 
+class _Loaded:
+    """The part of a LoadedModel the scheduler reads."""
+
+    def __init__(self, model: DBRX):
+        self.model, self.max_seq_len = model, model.cfg.max_seq_len
+
+
 def decode_all(model, requests) -> list[tuple[list[int], str]]:
-    decoder = BatchDecoder(model, requests)
-    tokens: list[list[int]] = [[] for _ in requests]
-    reasons: list[str] = [""] * len(requests)
-    while not decoder.finished:
-        for i, event in enumerate(decoder.step()):
-            if event is not None:
-                if event.token is not None:
-                    tokens[i].append(event.token)
-                reasons[i] = event.finish_reason or reasons[i]
-    return list(zip(tokens, reasons))
+    """Each request's (tokens, finish reason), all submitted at once to one replica scheduler."""
+    loaded = _Loaded(model)
+    events: list[list] = [[] for _ in requests]
+    done = [threading.Event() for _ in requests]
+
+    def sink(i: int):
+        def emit(event) -> None:
+            events[i].append(event)
+            if isinstance(event, BaseException) or event.finish_reason is not None:
+                done[i].set()
+        return emit
+
+    scheduler = Scheduler(slots=len(requests), context=lambda m: m.max_seq_len).start(loaded)
+    try:
+        for i, r in enumerate(requests):
+            assert scheduler.reserve(1)
+            scheduler.submit(GenerationRequest(r.prompt_ids, r.params, loaded), sink(i))
+        assert all(d.wait(60) for d in done)
+    finally:
+        scheduler.stop()
+    return [([e.token for e in ev if e.token is not None], ev[-1].finish_reason) for ev in events]
 
 
 def request(prompt, **params) -> GenerationRequest:
@@ -74,48 +94,6 @@ def test_a_batch_with_mixed_lengths_and_sampling_gives_each_row_its_own_output(s
         alone = decode_all(small_model, [request(prompt, **kw)])[0]
         assert got == alone
         assert len(got[0]) == kw["max_tokens"] and got[1] == "length"
-
-
-def test_rows_stop_on_their_own_stop_tokens_and_when_cancelled(small_model):
-    prompt = [5, 9, 2, 33, 7]
-    free = small_model.generate([prompt], max_new_tokens=10).tokens[0]
-    stop_at = free[3]
-    first = free.index(stop_at)
-    stopping, cancelled = request(prompt, stop_token_ids=frozenset({stop_at})), request(prompt)
-    decoder = BatchDecoder(small_model, [stopping, cancelled])
-    outputs = [[], []]
-    finishes = [None, None]
-    steps = 0
-    while not decoder.finished:
-        events = decoder.step()
-        steps += 1
-        if steps == 2:
-            cancelled.cancel()
-        for i, event in enumerate(events):
-            if event is not None:
-                outputs[i].append(event.token)
-                finishes[i] = event.finish_reason
-    assert outputs[0] == free[:first] + [None] and finishes[0] == "stop"
-    assert outputs[1] == free[:2] and finishes[1] is None       # dropped at step 3, no event
-    assert steps == max(first + 1, 3)
-
-
-def test_plan_groups_keeps_every_kv_cache_within_the_context():
-    class Loaded:
-        max_seq_len = 100
-
-    a, b = Loaded(), Loaded()
-    reqs = [GenerationRequest([0] * 90, SamplingParams(max_tokens=10), a),
-            GenerationRequest([0] * 5, SamplingParams(max_tokens=80), a),
-            GenerationRequest([0] * 10, SamplingParams(max_tokens=20), a),
-            GenerationRequest([0] * 3, SamplingParams(max_tokens=3), b)]
-    groups = plan_groups(reqs)
-    assert sorted(sorted(g) for g in groups) == [[0], [1, 2], [3]]
-    for g in groups:
-        assert max(len(reqs[i].prompt_ids) for i in g) + max(reqs[i].params.max_tokens for i in g) <= 100
-
-
-# ----------------------------------------------------------------------------- text
 
 
 def test_stop_sequences_spanning_tokens_end_the_text_before_them(tok):

@@ -17,8 +17,6 @@ request only while a slot is free for it, so a full replica refuses at once
 (the app answers 429) rather than queueing without bound. During a rolling
 update the old version's engine lives until its last request finishes, while
 the reservations, shared by both, keep the running sequences within the cap.
-
-`BatchDecoder` decodes a fixed set of requests on its own engine (tests, tools).
 """
 
 from __future__ import annotations
@@ -27,9 +25,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from model.attention import StaticKVCache
 from model.decode import DecodeEngine, Sampling
@@ -250,76 +246,3 @@ class Scheduler:
             loaded.model.eval()
             self._engines[key] = (loaded, self._make_engine(loaded, self.slots, self._context(loaded)), {})
         return self._engines[key]
-
-
-class BatchDecoder:
-    """Decodes `requests` (same model) together on an engine of their own; call `step()` until `finished`.
-
-    Every request is admitted (prefilled) at the first step; each step gives
-    each request its event, or None once it finished or was cancelled.
-    """
-
-    def __init__(self, model: "DBRX", requests: Sequence[GenerationRequest]):
-        self.model, self.requests = model, list(requests)
-        width = max(len(r.prompt_ids) for r in self.requests)
-        steps = max(r.params.max_tokens for r in self.requests)
-        self._engine = DecodeEngine(model, len(self.requests), width + steps)
-        self._trackers = [_Tracker(r) for r in self.requests]
-        self._slots: Optional[list[int]] = None
-        self._done = [False] * len(self.requests)
-
-    @property
-    def finished(self) -> bool:
-        return all(self._done)
-
-    @torch.no_grad()
-    def step(self) -> list[Optional[TokenEvent]]:
-        """Advance every unfinished request one token."""
-        if self._slots is None:
-            self._slots = self._engine.admit_many([r.prompt_ids for r in self.requests],
-                                                  [r.params.sampling() for r in self.requests])
-        for i, request in enumerate(self.requests):
-            if not self._done[i] and request.cancelled:
-                self._done[i] = True
-                self._engine.release(self._slots[i])
-        tokens = self._engine.step()
-        events: list[Optional[TokenEvent]] = []
-        for i, slot in enumerate(self._slots):
-            if self._done[i]:
-                events.append(None)
-                continue
-            event = self._trackers[i].event(tokens[slot])
-            if event.finish_reason is not None:
-                self._done[i] = True
-                self._engine.release(slot)
-            events.append(event)
-        return events
-
-
-def plan_groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
-    """Indices of `requests` split into BatchDecoders: one model each, and a KV cache
-    (longest prompt + largest max_tokens) within that model's context.
-
-    Each request alone fits (the server checks prompt + max_tokens against the
-    context), so every request lands in some group.
-    """
-    by_model: dict[int, list[int]] = {}
-    for i, r in enumerate(requests):
-        by_model.setdefault(id(r.model), []).append(i)
-    groups: list[list[int]] = []
-    for indices in by_model.values():
-        max_seq_len = requests[indices[0]].model.max_seq_len
-        order = sorted(indices, key=lambda i: len(requests[i].prompt_ids), reverse=True)
-        current: list[int] = []
-        width = steps = 0
-        for i in order:
-            r = requests[i]
-            w, s = max(width, len(r.prompt_ids)), max(steps, r.params.max_tokens)
-            if current and w + s > max_seq_len:
-                groups.append(current)
-                current, w, s = [], len(r.prompt_ids), r.params.max_tokens
-            current.append(i)
-            width, steps = w, s
-        if current:
-            groups.append(current)
-    return groups
