@@ -271,9 +271,8 @@ class DecodeEngine:
         logits = self._prefill(index, ids.to(self.device, non_blocking=True),
                                torch.tensor(lengths).to(self.device, non_blocking=True))
         self.last_logits = logits
-        tokens = sample_tokens(logits, self._temp[index], self._top_p[index], self._top_k[index],
-                               self._seed[index], self._count[index])
-        self._tokens.index_copy_(0, index, tokens)
+        sampled = [row for row, sp in enumerate(samplings) if not sp.greedy]
+        self._tokens.index_copy_(0, index, self._next_tokens(logits, index, sampled))
         self._count.index_fill_(0, index, 1)
         for slot, sp, t in zip(slots, samplings, lengths):
             self._lengths[slot] = t
@@ -308,11 +307,7 @@ class DecodeEngine:
             live = live.to(self.device, non_blocking=True)
             logits = self._decode_forward(rows, key_len)
             self.last_logits = logits
-            if self._sampled.intersection(running):
-                new = sample_tokens(logits, self._temp[:rows], self._top_p[:rows], self._top_k[:rows],
-                                    self._seed[:rows], self._count[:rows])
-            else:                                   # all greedy: the host knows, no need to sort
-                new = logits.argmax(dim=-1)
+            new = self._next_tokens(logits, None, sorted(self._sampled.intersection(running)))
             self._tokens[:rows] = torch.where(live, new, self._tokens[:rows])
             self._pos[:rows] += live
             self._count[:rows] += live
@@ -325,6 +320,19 @@ class DecodeEngine:
             return {}
         index = torch.tensor(report, dtype=torch.long).to(self.device, non_blocking=True)
         return dict(zip(report, self._tokens.index_select(0, index).tolist()))
+
+    def _next_tokens(self, logits: torch.Tensor, slots: Optional[torch.Tensor], sampled: list[int]) -> torch.Tensor:
+        """The next token of each row of `logits` (row i: slot slots[i], or slot i when None): the
+        argmax, except on the rows listed in `sampled`, which sample with their slot's parameters.
+        The host knows which rows sample, so greedy rows never pay for the vocabulary sort."""
+        tokens = logits.argmax(dim=-1)
+        if sampled:
+            rows = torch.tensor(sampled).to(self.device, non_blocking=True)
+            at = rows if slots is None else slots.index_select(0, rows)
+            picked = sample_tokens(logits.index_select(0, rows), self._temp[at], self._top_p[at],
+                                   self._top_k[at], self._seed[at], self._count[at])
+            tokens.index_copy_(0, rows, picked)
+        return tokens
 
     def bucket(self, rows: int, keys: int) -> tuple[int, int]:
         """The (rows, key length) a step over `rows` slots and `keys` positions runs at: key length
@@ -366,7 +374,16 @@ class DecodeEngine:
             out, _ = block.ffn(block.norm_2(h))
             x = h + out
         last = x[torch.arange(ids.shape[0], device=self.device), lengths - 1]
-        return m.lm_head(m.norm_f(last))
+        return self._logits(m.norm_f(last))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on rows h (rows, d_model). On CPU a float head computes weight @ h.T, which
+        streams the (vocab, d_model) matrix once for all rows: MKL's h @ weight.T took 11.2 ms for
+        8 rows of local_tiny's 100k vocabulary against 7.9 (and 7.4 for one row) on one core."""
+        head = self.model.lm_head
+        if h.device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None:
+            return (head.weight @ h.t()).t().contiguous()
+        return head(h)
 
     def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:
         """One decode forward for slots 0..rows-1: tokens and positions (rows,) -> logits (rows, vocab).
@@ -384,4 +401,4 @@ class DecodeEngine:
             keys, values = self.cache.write_step(layer, k, v, positions)
             h = x + block.attn.attend(q, keys[:, :, :key_len], values[:, :, :key_len], attn_mask=mask)
             x = h + block.ffn.decode(block.norm_2(h).view(rows, -1)).view(rows, 1, -1)
-        return m.lm_head(m.norm_f(x[:, 0]))
+        return self._logits(m.norm_f(x[:, 0]))

@@ -114,7 +114,7 @@ class Fp8Linear(nn.Module):
 
 
 class QuantExperts(nn.Module):
-    """An `Experts` module with 8-bit weights, the same interface (forward, gathered).
+    """An `Experts` module with 8-bit weights, the same interface (forward, stacked, gathered).
 
     w1, v1: [experts * ffn, d_model], a scale per row; w2: same storage, a scale
     per (expert, d_model column), w2 being used untransposed.
@@ -148,6 +148,10 @@ class QuantExperts(nn.Module):
     def gathered(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dequantized w1, v1, w2 slices (len(ids), ffn, d_model): only the routed experts are read."""
         return self._dequant("w1", ids), self._dequant("v1", ids), self._dequant("w2", ids)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dequantized w1, v1, w2 of every local expert (experts, ffn, d_model)."""
+        return self._dequant("w1", None), self._dequant("v1", None), self._dequant("w2", None)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert (prefill, large decode batches): dequantize all, run the grouped GLU."""

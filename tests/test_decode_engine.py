@@ -92,7 +92,7 @@ def test_a_released_slot_serves_the_next_sequence_as_if_fresh(model):
     assert got == alone
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 5, 12])    # tokens*2 <= 8 experts: gather + bmm; above: sorted
+@pytest.mark.parametrize("tokens", [1, 2, 8, 16, 17, 24])   # 8 experts, k=2: gather (1), dense (2-16), sorted
 def test_moe_decode_path_equals_the_training_forward(random_moe, tokens):
     moe: DroplessMoE = random_moe(CFG).eval()
     x = torch.randn(tokens, CFG.d_model)

@@ -70,14 +70,18 @@ def test_int8_held_out_loss_and_greedy_text_stay_close_to_fp32(pair):
     assert a[:12] == b[:12]
 
 
-def test_quantized_experts_decode_path_equals_their_grouped_path(pair):
+def test_quantized_experts_decode_paths_equal_their_grouped_path(pair):
     _, int8 = pair
     moe = int8.blocks[1].ffn
-    x = torch.randn(6, CFG.d_model)
+    x = torch.randn(12, CFG.d_model)
     with torch.no_grad():
         grouped, _ = moe(x)                                  # dequantize all, sorted grouped GLU
-        few = torch.cat([moe.decode(x[i:i + 2]) for i in range(0, 6, 2)])  # 2*2 <= 4 experts: gathered
-    assert (grouped - few).abs().max() < 1e-5
+        assert (moe.decode(x) - grouped).abs().max() < 1e-5  # 24 pairs > 4 per expert: sorted
+        dense = torch.cat([moe.decode(x[i:i + 2]) for i in range(0, 12, 2)])   # every expert, every row
+        assert (dense - grouped).abs().max() < 1e-5
+        ids = torch.tensor([3, 0, 3])                         # the gathered path's slices (batch 1)
+        for gathered, stacked in zip(moe.experts.gathered(ids), moe.experts.stacked()):
+            assert torch.equal(gathered, stacked[ids])
 
 
 def test_fp8_is_refused_off_hopper_with_a_clear_message(pair, tmp_path):
