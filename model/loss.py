@@ -19,7 +19,10 @@ running max and sum per row (an online logsumexp), a second recomputes each
 block's logits and turns them into gradients while they are in cache. One
 more GEMM per block, all of them faster. At local_tiny's micro batch (512
 tokens, vocab 100352, one thread) this took forward+backward from 0.53 to
-0.47 s and the no-grad loss (eval) from 0.28 to 0.13 s.
+0.47 s and the no-grad loss (eval) from 0.28 to 0.13 s. The two passes work
+in base 2 (exp2 is 2.7x faster than exp on CPU; the scale and the per-row
+offsets ride in the GEMM's alpha and beta terms): a local_tiny training step
+at world size 2 went from 2.31 to 2.17 s.
 
 The logits GEMM runs in the inputs' dtype (bf16 on GPU, like a plain LM head);
 softmax, the loss and its gradient are computed in float32.
@@ -27,10 +30,15 @@ softmax, the loss and its gradient are computed in float32.
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
+_ZERO = torch.zeros(())      # addmm's ignored input (beta=0)
 CHUNK_ELEMENTS = 1 << 24     # 64 MB of float32 logits per chunk (CPU)
 GPU_CHUNK_ELEMENTS = 1 << 28  # 1 GB on a GPU: 64 MB chunks are 167 rows of a 100k vocabulary,
                               # too few for the head's weight-gradient GEMM (K = rows) to run
@@ -79,30 +87,46 @@ def _in_block(safe: torch.Tensor, start: int, width: int):
     return (col >= 0) & (col < width), col.clamp_(0, width - 1).unsqueeze(1)
 
 
+def _log2_logits(h: torch.Tensor, w: torch.Tensor, row_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log2(e) * (h @ w.T) (+ row_bias per row), float32: logits in base-2 units.
+
+    The CPU path works in base 2 because torch's exp2 runs ~2.7x faster than its exp on
+    this CPU (0.16 vs 0.43 ms for a 512 x 1024 block) at the same accuracy (~1 ulp); the
+    scale rides in the GEMM's alpha and a float32 row bias in its beta term, so neither
+    costs a pass over the block."""
+    if h.dtype == torch.float32:
+        if row_bias is None:
+            return torch.addmm(_ZERO, h, w.t(), beta=0, alpha=LOG2E)
+        return torch.addmm(row_bias.unsqueeze(1), h, w.t(), alpha=LOG2E)
+    logits = (h @ w.t()).float().mul_(LOG2E)       # a low-precision GEMM: bias added in float32
+    return logits if row_bias is None else logits.add_(row_bias.unsqueeze(1))
+
+
 def _blocked_logsumexp(h: torch.Tensor, weight: torch.Tensor, safe: torch.Tensor, block: int):
-    """Per row, in float32: (logsumexp of h @ weight.T, the label's logit), one block of
-    `block` vocabulary columns at a time (a running max and a rescaled running sum)."""
+    """Per row, in float32 and base-2 units: (log2-sum-exp2 of log2(e) * h @ weight.T, the
+    label's scaled logit), one block of `block` vocabulary columns at a time (a running max
+    and a rescaled running sum)."""
     n = h.shape[0]
     top = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
     total = torch.zeros(n, dtype=torch.float32, device=h.device)
     picked = torch.zeros(n, dtype=torch.float32, device=h.device)
     for start in range(0, weight.shape[0], block):
-        logits = (h @ weight[start:start + block].t()).float()
+        logits = _log2_logits(h, weight[start:start + block])
         inside, col = _in_block(safe, start, logits.shape[1])
         picked = torch.where(inside, logits.gather(1, col).squeeze(1), picked)
         new_top = torch.maximum(top, logits.amax(dim=1))
-        total = total.mul_(torch.exp(top - new_top)).add_(logits.sub_(new_top.unsqueeze(1)).exp_().sum(1))
+        total = total.mul_(torch.exp2(top - new_top)).add_(logits.sub_(new_top.unsqueeze(1)).exp2_().sum(1))
         top = new_top
-    return top + total.log(), picked
+    return top + total.log2(), picked
 
 
 def _blocked_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block: int):
     """For one chunk of rows, through vocabulary blocks: (loss sum over valid rows,
-    per-row logsumexp, valid mask, safe labels)."""
+    per-row log-sum-exp in base-2 units, valid mask, safe labels)."""
     valid = labels != IGNORE_INDEX
     safe = labels.masked_fill(~valid, 0)
-    lse, picked = _blocked_logsumexp(h, weight, safe, block)
-    return (lse - picked).masked_fill_(~valid, 0.0).sum(), lse, valid, safe
+    lse2, picked2 = _blocked_logsumexp(h, weight, safe, block)
+    return (lse2 - picked2).masked_fill_(~valid, 0.0).sum() * LN2, lse2, valid, safe
 
 
 def _chunk_loss_and_grads(h, weight, labels, scale, block, grad_h, grad_w):
@@ -120,12 +144,14 @@ def _chunk_loss_and_grads(h, weight, labels, scale, block, grad_h, grad_w):
         if grad_w is not None:
             grad_w.addmm_(d.t(), h)
         return loss.sum()
-    loss, lse, valid, safe = _blocked_loss(h, weight, labels, block)   # two passes
+    loss, lse2, valid, safe = _blocked_loss(h, weight, labels, block)   # two passes
     row_scale = valid.to(torch.float32) * scale
+    # softmax * row_scale = 2^(scaled logit - lse2 + log2(row_scale)); ignored rows: 2^-inf = 0
+    bias = row_scale.log2().sub_(lse2)
     grad_h.zero_()
     for start in range(0, vocab, block):
         w = weight[start:start + block]
-        p = (h @ w.t()).float().sub_(lse.unsqueeze(1)).exp_().mul_(row_scale.unsqueeze(1))
+        p = _log2_logits(h, w, bias).exp2_()
         inside, col = _in_block(safe, start, p.shape[1])
         p.scatter_add_(1, col, (-row_scale * inside).unsqueeze(1))
         d = p.to(h.dtype)

@@ -174,6 +174,8 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """The GLU experts this rank holds, in DBRX's stacked [experts * ffn, d_model] layout."""
 
+    GATHER_PASSES = 3       # a gathered slice is read, written and read again (DroplessMoE.decode)
+
     def __init__(self, d_model: int, ffn_hidden_size: int, num_local_experts: int):
         super().__init__()
         self.num_local_experts = num_local_experts
@@ -279,10 +281,12 @@ class DroplessMoE(nn.Module):
         decode step can run ahead of the host or be captured in a CUDA graph.
         Which weights a step reads decides the path, by the N*k (token, expert)
         pairs against the E local experts:
-        - 2*N*k < E (batch 1): each pair gathers its expert's slices and one bmm
-          per projection does them all; only the routed experts are read (the
-          gather copies them, so beyond half the experts this reads more than
-          all of them once).
+        - GATHER_PASSES*N*k < E (batch 1): each pair gathers its expert's slices
+          and one bmm per projection does them all; only the routed experts are
+          read. The gather copies the slices (float weights: 3 passes over their
+          bytes against 1 for reading every expert in place; 8-bit weights are
+          dequantized into new memory on either path), so beyond that it costs
+          more than reading every expert once.
         - N*k <= DENSE_PAIRS_PER_EXPERT * E: every expert runs every token in
           three batched GEMMs over the stacked weights, and the routing weights
           (0 for unrouted pairs) combine them. All experts are read once, as a
@@ -302,7 +306,7 @@ class DroplessMoE(nn.Module):
         n, k = ids.shape
         flat = ids.reshape(-1)
         experts = self.num_local_experts
-        if 2 * n * k < experts:
+        if self.experts.GATHER_PASSES * n * k < experts:
             w1, v1, w2 = self.experts.gathered(flat)
             rows = x.repeat_interleave(k, dim=0).unsqueeze(1)                    # (n*k, 1, d)
             h = torch.nn.functional.silu(torch.bmm(rows, w1.transpose(1, 2))) * torch.bmm(rows, v1.transpose(1, 2))

@@ -120,6 +120,8 @@ class QuantExperts(nn.Module):
     per (expert, d_model column), w2 being used untransposed.
     """
 
+    GATHER_PASSES = 1       # dequantized into new memory whether gathered or stacked
+
     def __init__(self, experts: nn.Module, fmt: str):
         super().__init__()
         self.fmt = fmt

@@ -14,6 +14,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The end-to-end files run first, one per pytest worker (the README's test command hands out
+# whole files in collection order: --dist loadfile --no-loadscope-reorder). They are most of
+# the suite's time; the rest of the suite fills in around them.
+E2E_FIRST = ("test_e2e_train.py", "test_e2e_local_tiny.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(E2E_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))    # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state_dir(tmp_path_factory, monkeypatch):
     """Embedded defaults (MLflow DB, checkpoints, data cache) go to a temp dir, not ~."""

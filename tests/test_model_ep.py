@@ -132,6 +132,11 @@ def _worker(rank: int, port: int, payload: dict, results: str) -> None:
     res["edp_groups"] = sorted(groups._get_expert_data_parallel_group_dict())
     res["local_experts"] = list(model.local_experts)
     out["model"] = res
+    # Generation: each rank decodes its own prompts (counts and lengths differ) in lock step.
+    gen = payload["generate"]
+    out["generate"] = {kind: model.generate(gen["prompts"][rank], max_new_tokens=gen["max_new"],
+                                            stop_tokens=gen["stop"], **kwargs)
+                       for kind, kwargs in GENERATE_KINDS.items()}
     # Hugging Face interop under EP: each rank loads only its experts; export gathers them.
     loaded = DBRX.from_hf(payload["hf_dir"], ep_group=ep_group)
     out["hf_loaded"] = loaded.state_dict()
@@ -141,6 +146,17 @@ def _worker(rank: int, port: int, payload: dict, results: str) -> None:
     dist.destroy_process_group()
 
 
+GENERATE_KINDS = {"greedy": {}, "seeded": {"temperature": 1.0, "top_p": 0.9, "seed": 11}}
+
+
+def _generate_inputs(full: DBRX) -> dict:
+    """Rank 0: two prompts; rank 1: one, which stops early on a stop token (its second greedy
+    token), so rank 1 keeps stepping with the others after its own sequence is done."""
+    prompts = {0: [[1, 2, 3], [4, 5, 6, 7, 8, 9]], 1: [[10, 11]]}
+    stop = full.generate(prompts[1], max_new_tokens=2).tokens[0][1]
+    return {"prompts": prompts, "max_new": 6, "stop": [stop]}
+
+
 @pytest.fixture(scope="module")
 def ep_results(tmp_path_factory):
     pytest.importorskip("deepspeed")
@@ -148,6 +164,7 @@ def ep_results(tmp_path_factory):
     payload = {"moe": _scenarios(), "model": _model_inputs()}
     full = DBRX(MODEL_CFG)
     full.load_state_dict(payload["model"]["state"])
+    payload["generate"] = _generate_inputs(full)
     payload["hf_dir"] = os.path.join(results, "hf")
     full.to_hf(payload["hf_dir"])
     mp.spawn(_worker, args=(_free_port(), payload, results), nprocs=WORLD, join=True)
@@ -196,6 +213,19 @@ def test_model_ep2_with_checkpointing_equals_ep1(ep_results):
             if name.split(".")[-1] in ("w1", "v1", "w2"):
                 want = want[_expert_rows(MODEL_CFG, rank)]
             assert close(g, want), (rank, name)
+
+
+def test_generate_under_ep2_equals_one_process_rank_by_rank(ep_results):
+    payload, ranks, _ = ep_results
+    full = DBRX(MODEL_CFG)
+    full.load_state_dict(payload["model"]["state"])
+    gen = payload["generate"]
+    for rank, res in enumerate(ranks):
+        for kind, kwargs in GENERATE_KINDS.items():
+            want = full.generate(gen["prompts"][rank], max_new_tokens=gen["max_new"],
+                                 stop_tokens=gen["stop"], **kwargs)
+            assert res["generate"][kind] == want, (rank, kind)
+    assert ranks[1]["generate"]["greedy"].finish_reasons == ["stop"]     # done before rank 0
 
 
 def test_expert_params_tagged_for_deepspeed(ep_results):

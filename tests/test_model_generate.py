@@ -8,7 +8,8 @@ import torch
 from model import DBRX
 from model.attention import KVCache
 from model.config import DBRXConfig
-from model.generate import left_pad, sample_next
+from model.decode import sample_tokens
+from model.generate import left_pad
 
 torch.set_num_threads(min(2, torch.get_num_threads()))   # never above the suite-wide cap
 
@@ -102,11 +103,12 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(model):
                           seed=3).tokens == greedy.tokens
 
 
-def test_sample_next_top_p_keeps_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    gen = torch.Generator().manual_seed(0)
-    seen = {int(sample_next(logits, 1.0, top_p=0.8, generator=gen)) for _ in range(300)}
-    assert seen == {0, 1}
+def test_top_p_keeps_the_nucleus():
+    n = 300                                               # 300 draws: one seed, token indices 0..299
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(n, 4)
+    picked = sample_tokens(logits, torch.ones(n), torch.full((n,), 0.8), torch.zeros(n, dtype=torch.long),
+                           torch.full((n,), 7, dtype=torch.long), torch.arange(n))
+    assert set(picked.tolist()) == {0, 1}                 # 0.15 and 0.05 sit past the 0.8 nucleus
 
 
 def test_generate_restores_training_mode_and_checks_context(model):

@@ -79,9 +79,8 @@ def test_quantized_experts_decode_paths_equal_their_grouped_path(pair):
         assert (moe.decode(x) - grouped).abs().max() < 1e-5  # 24 pairs > 4 per expert: sorted
         dense = torch.cat([moe.decode(x[i:i + 2]) for i in range(0, 12, 2)])   # every expert, every row
         assert (dense - grouped).abs().max() < 1e-5
-        ids = torch.tensor([3, 0, 3])                         # the gathered path's slices (batch 1)
-        for gathered, stacked in zip(moe.experts.gathered(ids), moe.experts.stacked()):
-            assert torch.equal(gathered, stacked[ids])
+        alone = torch.cat([moe.decode(x[i:i + 1]) for i in range(12)])   # 2 pairs < 4 experts: gathered
+        assert (alone - grouped).abs().max() < 1e-5
 
 
 def test_fp8_is_refused_off_hopper_with_a_clear_message(pair, tmp_path):
