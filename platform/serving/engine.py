@@ -44,10 +44,6 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: frozenset[int] = frozenset()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_p <= 0.0
-
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
