@@ -54,8 +54,7 @@ def generate(model: "DBRX", prompts: Union[torch.Tensor, Sequence[Sequence[int]]
              max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None,
-             attention_mask: Optional[torch.Tensor] = None,
-             pad_token_id: int = 0) -> GenerationOutput:
+             attention_mask: Optional[torch.Tensor] = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt.
 
     prompts: list of token-id lists (any lengths), or an input_ids tensor
@@ -95,7 +94,7 @@ def generate(model: "DBRX", prompts: Union[torch.Tensor, Sequence[Sequence[int]]
         tokens: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * len(rows)
         finished: set[int] = set()
-        while not (_everyone_done(len(finished) == len(rows), model) if lock_step else not engine.active):
+        while (not _everyone_done(len(finished) == len(rows), model)) if lock_step else engine.active:
             for slot, token in engine.step().items():
                 i = row_of[slot]
                 if i in finished:               # expert parallel: decoded only to keep the ranks in step

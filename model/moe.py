@@ -45,6 +45,7 @@ from model.kernels import grouped_glu
 # for DBRX, still under the time to read the experts' bytes on a GPU.
 DENSE_PAIRS_PER_EXPERT = 4
 
+
 def expert_group_name(ep_size: int) -> str:
     """DeepSpeed's name of the expert(-data)-parallel groups for `ep_size`.
 

@@ -57,7 +57,7 @@ def test_greedy_generate_matches_uncached_loop(model):
 
 def test_left_padded_batch_equals_each_prompt_alone(model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    batched = model.generate(prompts, max_new_tokens=6, pad_token_id=0)
+    batched = model.generate(prompts, max_new_tokens=6)
     for prompt, tokens in zip(prompts, batched.tokens):
         assert tokens == model.generate([prompt], max_new_tokens=6).tokens[0]
     assert batched.prompt_lengths == [7, 2, 4]
