@@ -52,7 +52,7 @@ resource "terraform_data" "node" {
       START_TIMEOUT_S = var.start_timeout_s
       FAIL_APPLY      = var.fail_apply ? "1" : "0"
       CAPACITY_FILE   = var.capacity_exhausted_file
-      BOOT_DELAY_FILE = var.boot_delay_file
+      BOOT_HOLD_FILE  = var.boot_hold_file
     }
   }
 

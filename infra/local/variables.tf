@@ -146,8 +146,8 @@ variable "capacity_exhausted_file" {
   default     = ""
 }
 
-variable "boot_delay_file" {
-  description = "Testing only: when this file exists, a new node waits as many seconds as it holds before joining, as a cloud instance takes time to boot."
+variable "boot_hold_file" {
+  description = "Testing only: while this file exists, a new node holds its boot before joining (at most start_timeout_s), as a cloud instance takes time to boot; lets a test decide when a replacement arrives."
   type        = string
   default     = ""
 }

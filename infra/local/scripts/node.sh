@@ -3,7 +3,7 @@
 #
 #   node.sh start   env: NODE_NAME NODE_ID NODE_DIR PID_FILE HEAD_ADDRESS RAY_BIN
 #                        NODE_CPUS NODE_MEMORY_MB OBJECT_STORE_MB NODE_TAGS
-#                        START_TIMEOUT_S FAIL_APPLY
+#                        START_TIMEOUT_S FAIL_APPLY CAPACITY_FILE BOOT_HOLD_FILE
 #   node.sh stop    env: PID_FILE STOP_TIMEOUT_S
 #
 # Starts are serialized on this host (flock): Ray picks each node's free
@@ -85,9 +85,13 @@ start() {
     if [ -n "${CAPACITY_FILE:-}" ] && [ -e "$CAPACITY_FILE" ]; then
         die "InsufficientInstanceCapacity: no capacity for node $NODE_NAME on this host (simulated: $CAPACITY_FILE exists)"
     fi
-    if [ -n "${BOOT_DELAY_FILE:-}" ] && [ -e "$BOOT_DELAY_FILE" ]; then
-        sleep "$(cat "$BOOT_DELAY_FILE")"
-    fi
+    local held=0
+    while [ -n "${BOOT_HOLD_FILE:-}" ] && [ -e "$BOOT_HOLD_FILE" ]; do
+        [ "$held" -lt "${START_TIMEOUT_S:-120}" ] \
+            || die "node $NODE_NAME still held by $BOOT_HOLD_FILE after ${START_TIMEOUT_S:-120}s"
+        sleep 1
+        held=$((held + 1))
+    done
     [ -x "$RAY_BIN" ] || die "ray CLI not found or not executable at $RAY_BIN (variable ray_bin)"
     mkdir -p "$NODE_DIR"
     local log="$NODE_DIR/ray.log" tags=${NODE_TAGS:-"{}"} pid sid leader_start recorded_temp_dir
