@@ -125,6 +125,22 @@ def _expert_marker(num_experts: int, ep_size: int) -> torch.nn.Module:
     return DroplessExpertsMarker()
 
 
+def _skip_shm_inference_kernel() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce kernel.
+
+    On the CPU accelerator, DeepSpeed's comm init JIT-builds `deepspeed_shm_comm` with g++
+    (~35 s on 2 cores, on the first run of every fresh install) for its inference all-reduce,
+    which training never calls: its all_reduce is torch.distributed's. DeepSpeed reads the op's
+    availability from `deepspeed.ops.__compatible_ops__`, a dict kept for edits like this one;
+    on GPU accelerators there is no such op and this changes nothing.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
 def expert_parallel_group(ep_size: int):
     """Create DeepSpeed's expert and expert-data-parallel groups; the model's EP group.
 
@@ -136,6 +152,7 @@ def expert_parallel_group(ep_size: int):
     from deepspeed.utils import groups
 
     if not deepspeed.comm.is_initialized():  # adopt the process group Ray Train made
+        _skip_shm_inference_kernel()
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     groups._create_expert_and_data_parallel(ep_size)
     return groups._get_expert_parallel_group(f"ep_size_{ep_size}") if ep_size > 1 else None
