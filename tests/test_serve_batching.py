@@ -104,6 +104,27 @@ def test_sampling_stop_tokens_and_cancellation(scheduler, loaded):
     assert scheduler.reserved == 0 and not c.done.is_set() and len(c.tokens) < 400
 
 
+def test_a_finished_request_has_given_its_slot_back_when_its_client_hears_of_it(loaded):
+    """A client with its answer sends the next request at once: on a full replica it must find the
+    slot free, not a 429 (the slot used to be given back after the last event went out)."""
+    sched = Scheduler(slots=1, context=lambda m: 64).start(loaded)
+    next_admitted: list[bool] = []
+
+    def client(event) -> None:
+        if event.finish_reason is not None:
+            next_admitted.append(sched.reserve(1))
+
+    try:
+        assert sched.reserve(1)
+        sched.submit(GenerationRequest([2, 7], SamplingParams(max_tokens=3), loaded), client)
+        deadline = time.time() + 30
+        while not next_admitted and time.time() < deadline:
+            time.sleep(0.01)
+        assert next_admitted == [True]
+    finally:
+        sched.stop()
+
+
 def test_reservations_cap_the_sequences_and_kv_memory_caps_the_slots(loaded):
     sched = Scheduler(slots=2, context=lambda m: 64)
     assert sched.reserve(2) and not sched.reserve(1)

@@ -216,9 +216,11 @@ class Scheduler:
                 for slot, token in engine.step().items():
                     tracker, emit = tracked[slot]
                     event = tracker.event(token)
-                    emit(event)
                     if event.finish_reason is not None:
+                        # free the slot first: the client may send its next request the moment
+                        # it has this answer, and must not find the replica full
                         self._finish(engine, tracked, slot)
+                    emit(event)
             if not tracked and loaded is not self._current:
                 del self._engines[key]          # an old version with nothing left: free its cache
                 if hasattr(engine, "close"):
@@ -233,8 +235,8 @@ class Scheduler:
     def _fail_all(self, exc: BaseException) -> None:
         for _, engine, tracked in self._engines.values():
             for slot, (_, emit) in list(tracked.items()):
-                emit(exc)
                 self._finish(engine, tracked, slot)
+                emit(exc)
 
     def _engine_for(self, loaded: Any) -> tuple[Any, DecodeEngine, dict]:
         key = id(loaded)
