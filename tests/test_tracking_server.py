@@ -33,10 +33,10 @@ def server(tmp_path):
 
 def test_logging_survives_a_server_outage_and_the_buffer_arrives(server, tmp_path, caplog):
     cfg = JobConfig(name="outage-job", serve=ServeConfig(api_key=SECRET),
-                    tracking=TrackingConfig(tracking_uri=server.url, artifact_location=""))
+                    tracking=TrackingConfig(tracking_uri=server.url, artifact_location="", max_retry_s=1.0))
     run_id = start_or_resume_run(cfg, plan={"tokens_per_step": 4096})
     assert run_url(cfg, run_id).url.startswith(f"{server.url}/#/experiments/")
-    tracker = MetricsLogger(cfg, run_id, interval_s=0.2, max_backoff_s=1.0)
+    tracker = MetricsLogger(cfg, run_id, interval_s=0.2)
 
     def log_step(step: int) -> float:
         started = time.perf_counter()

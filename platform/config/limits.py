@@ -152,6 +152,7 @@ RANGES: dict[str, Range] = {
     "checkpoint.keep_last": _count(1, 10_000),
     # tracking, promotion, serving
     "tracking.ui_port": _PORT,
+    "tracking.max_retry_s": _positive(DAY_S),
     "promote.gate_tolerance": Range(0, 1e3),
     "serve.port": _PORT,
     "serve.num_replicas": _count(1, 1024),

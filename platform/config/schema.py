@@ -141,6 +141,9 @@ class TrackingConfig:
     experiment: str = "dbrx"
     ui_host: str = "127.0.0.1"
     ui_port: int = 5000
+    # While MLflow is unreachable, deliveries retry with exponential backoff up to this wait:
+    # the longest a returned server waits for the buffered metrics.
+    max_retry_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -67,14 +67,15 @@ class MetricsLogger:
     Create it with the job config and the run id from `start_or_resume_run`;
     call `close()` at the end (also done at interpreter exit). `capacity`
     bounds buffered metric points (about 150 bytes each), `max_records` the
-    other buffered records (params, tags, events, artifacts). With
+    other buffered records (params, tags, events, artifacts); retries wait at most
+    `max_backoff_s` (default: the job's tracking.max_retry_s). With
     `system_metrics`, MLflow's GPU utilisation and memory are logged too
     where CUDA is available (platform.tracking.system).
     """
 
     def __init__(self, cfg: JobConfig, run_id: str, *, capacity: int = 100_000,
                  max_records: int = 10_000, interval_s: float = 1.0,
-                 min_backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 min_backoff_s: float = 0.5, max_backoff_s: float | None = None,
                  system_metrics: bool = False) -> None:
         if capacity < MAX_METRICS_PER_BATCH or max_records < 1:
             raise ValueError(f"capacity must be >= {MAX_METRICS_PER_BATCH} and max_records >= 1")
@@ -87,7 +88,7 @@ class MetricsLogger:
         self._outbox = Outbox(self._run, name=f"mlflow-logger-{run_id[:8]}", capacity=capacity,
                               max_records=max_records, full_batch=MAX_METRICS_PER_BATCH,
                               interval_s=interval_s, min_backoff_s=min_backoff_s,
-                              max_backoff_s=max_backoff_s)
+                              max_backoff_s=max_backoff_s or cfg.tracking.max_retry_s)
         self._dropped_reported = 0
         self._last_step = 0
         self._warned: set = set()
