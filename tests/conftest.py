@@ -14,14 +14,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# The end-to-end files run first, one per pytest worker (the README's test command hands out
-# whole files in collection order: --dist loadfile --no-loadscope-reorder). They are most of
-# the suite's time; the rest of the suite fills in around them.
+# The README's test command hands out whole files in collection order (--dist loadfile
+# --no-loadscope-reorder), and a worker takes its next file while it still runs one. The
+# end-to-end files go first, one per pytest worker: they are most of the suite's time. Then the
+# longest of the rest (tens of seconds each, measured on 2 cores), so that the files handed out
+# last are short and neither worker is left alone at the end with a long one.
 E2E_FIRST = ("test_e2e_train.py", "test_e2e_local_tiny.py")
+LONGEST_NEXT = ("test_train_state.py", "test_serve_cli.py", "test_serve_after_training.py",
+                "test_provision_local.py", "test_serve.py", "test_gpu_check.py",
+                "test_checkpoint_async.py", "test_tracking_server.py", "test_serve_devices.py",
+                "test_promote.py", "test_data_pipeline.py", "test_platform_name.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(E2E_FIRST)}
+    rank = {name: i for i, name in enumerate(E2E_FIRST + LONGEST_NEXT)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))    # stable: the rest keep their order
 
 
