@@ -54,10 +54,20 @@ def _path(caplog) -> list[str]:
     return [moves[0][0]] + [after for _, after in moves] if moves else []
 
 
-def test_a_finished_job_submitted_again_reports_its_end_without_starting_a_cluster(
-        tmp_path, monkeypatch, capsys, caplog):
+@pytest.fixture
+def ray_not_connected():
+    """No Ray connection in this process, so a test can tell whether the controller made one
+    (an earlier test file on this pytest worker may have left its own: conftest.ray_local)."""
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
+    return ray
+
+
+def test_a_finished_job_submitted_again_reports_its_end_without_starting_a_cluster(
+        tmp_path, monkeypatch, capsys, caplog, ray_not_connected):
+    ray = ray_not_connected
     caplog.set_level("INFO", logger="platform.controller")
     cfg, plan = _job(tmp_path, monkeypatch)
     _commit(cfg, plan.total_steps // 2)
@@ -92,9 +102,8 @@ def test_resume_false_refuses_a_job_that_has_checkpoints(tmp_path, monkeypatch, 
 
 
 def test_serving_a_finished_job_without_a_promoted_model_fails_with_the_registry_s_answer(
-        tmp_path, monkeypatch, capsys, caplog, empty_mlflow_db):
-    import ray
-
+        tmp_path, monkeypatch, capsys, caplog, empty_mlflow_db, ray_not_connected):
+    ray = ray_not_connected
     caplog.set_level("INFO", logger="platform.controller")
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     cfg, plan = _job(tmp_path, monkeypatch, "serve.start_after_training=true",

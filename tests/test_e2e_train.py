@@ -133,14 +133,14 @@ def test_one_job_survives_every_fault_on_s3_and_every_replayed_step_has_the_same
         detached = _cli(job, "submit", str(TINY), *job.overrides, "--detach", timeout=300)
         job_id = re.search(r"submitted job (\S+)", detached).group(1)
         wait_for(lambda: _cli(job, "status", job_id).strip() in ("RUNNING", "FAILED", "SUCCEEDED"),
-                 120, "the detached job to start")
+                 120, "the detached job to start", poll=2)    # each look is a CLI process
         assert _cli(job, "status", job_id).strip() == "RUNNING"
         wait_for(lambda: job.metric("resumed_step").get(latest), 600,
                  f"the detached job to resume at step {latest}")
         logs = _cli(job, "logs", job_id)
         assert "Plan for job 'e2e'" in logs and "node(s) joined the Ray cluster" in logs
         assert _cli(job, "stop", job_id).strip() == "stop requested"
-        wait_for(lambda: _cli(job, "status", job_id).strip() == "STOPPED", 180, "the job to stop")
+        wait_for(lambda: _cli(job, "status", job_id).strip() == "STOPPED", 180, "the job to stop", poll=2)
         assert "stop requested (SIGTERM): tearing the job down" in _cli(job, "logs", job_id)
         assert wait_for(lambda: not _node_processes(job), 60, "the stopped job's nodes to go")
         assert job.run_info().info.status == "KILLED"
