@@ -41,13 +41,26 @@ def _isolated_state_dir(tmp_path_factory, monkeypatch):
 def ray_local(_ray_shutdown_at_end):
     """One small local Ray instance shared by the tests that need Ray: started on first use, and
     again after a test that had to drive its own Ray in this process shut it down
-    (tests/test_serve_after_training.py runs the job controller, which calls ray.init itself)."""
+    (ray_not_connected: e.g. tests/test_serve_after_training.py runs the job controller, which
+    calls ray.init itself)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 ** 2,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
+
+
+@pytest.fixture
+def ray_not_connected():
+    """No Ray connection in this process, so that a test can tell whether the code under test
+    made one, or let the job controller make its own (an earlier file on this pytest worker may
+    have left ray_local's)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -54,17 +54,6 @@ def _path(caplog) -> list[str]:
     return [moves[0][0]] + [after for _, after in moves] if moves else []
 
 
-@pytest.fixture
-def ray_not_connected():
-    """No Ray connection in this process, so a test can tell whether the controller made one
-    (an earlier test file on this pytest worker may have left its own: conftest.ray_local)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    return ray
-
-
 def test_a_finished_job_submitted_again_reports_its_end_without_starting_a_cluster(
         tmp_path, monkeypatch, capsys, caplog, ray_not_connected):
     ray = ray_not_connected

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture
-def job(tmp_path, monkeypatch, empty_mlflow_db):
+def job(tmp_path, monkeypatch, empty_mlflow_db, ray_not_connected):
     monkeypatch.setenv("DBRX_PLATFORM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")           # the controller sets both; restored after
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -43,10 +43,7 @@ def job(tmp_path, monkeypatch, empty_mlflow_db):
         f"tracking.artifact_location={tmp_path}/mlartifacts", "promote.gate=false",
         "serve.start_after_training=true", f"serve.port={free_local_port()}"])
     handler = signal.getsignal(signal.SIGTERM)
-    import ray
-
-    if ray.is_initialized():     # another module's shared instance: the controller inits its own
-        ray.shutdown()
+    ray = ray_not_connected           # the controller inits its own
     held = Resources()
     yield cfg, held
     signal.signal(signal.SIGTERM, handler)

@@ -88,7 +88,7 @@ class MetricsLogger:
         self._outbox = Outbox(self._run, name=f"mlflow-logger-{run_id[:8]}", capacity=capacity,
                               max_records=max_records, full_batch=MAX_METRICS_PER_BATCH,
                               interval_s=interval_s, min_backoff_s=min_backoff_s,
-                              max_backoff_s=max_backoff_s or cfg.tracking.max_retry_s)
+                              max_backoff_s=cfg.tracking.max_retry_s if max_backoff_s is None else max_backoff_s)
         self._dropped_reported = 0
         self._last_step = 0
         self._warned: set = set()
