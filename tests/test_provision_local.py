@@ -22,7 +22,7 @@ from _e2e import wait_for
 from platform.provision import (
     INSTANCE_LABEL, NODE_LABEL, LocalHead, NodesNotReady, Provisioner, procs, ray_auth_env,
 )
-from platform.provision.head import free_local_port as _free_port
+from platform.provision.head import free_local_ports
 from platform.provision.nodes import fetch_ray_nodes
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,8 @@ def _worker_logs_naming(temp_dir: str, pid: int) -> list[str]:
 def local_cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")   # restored after the test
     tag = uuid.uuid4().hex[:8]
-    head = LocalHead(port=_free_port(), dashboard_port=_free_port(), client_port=_free_port(),
+    gcs, dashboard, client = free_local_ports(3)
+    head = LocalHead(port=gcs, dashboard_port=dashboard, client_port=client,
                      object_store_mb=100, state_dir=str(tmp_path / "head"),
                      temp_dir=f"/tmp/dbrx-t-{tag}")
     sessions: list[tuple[int, int]] = []   # every node session the test saw: (pid, start time)

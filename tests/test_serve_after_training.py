@@ -23,7 +23,7 @@ from platform.controller.job import Controller
 from platform.controller.state import FINISHED, Outcome, Promoting, Resources
 from platform.plan import make_plan
 from platform.provision import procs
-from platform.provision.head import free_local_port, port_open
+from platform.provision.head import free_local_ports, port_open
 from platform.provision.nodes import Provisioner
 from platform.train.checkpointing import open_checkpoints
 
@@ -36,12 +36,13 @@ def job(tmp_path, monkeypatch, empty_mlflow_db, ray_not_connected):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")           # the controller sets both; restored after
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    head, dashboard, endpoint = free_local_ports(3)
     cfg = load_job(TINY, [
         "name=serve-after", f"checkpoint.uri={tmp_path}/ckpt", "cluster.max_nodes=1",
-        f"cluster.head_port={free_local_port()}", f"cluster.dashboard_port={free_local_port()}",
+        f"cluster.head_port={head}", f"cluster.dashboard_port={dashboard}",
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         f"tracking.artifact_location={tmp_path}/mlartifacts", "promote.gate=false",
-        "serve.start_after_training=true", f"serve.port={free_local_port()}"])
+        "serve.start_after_training=true", f"serve.port={endpoint}"])
     handler = signal.getsignal(signal.SIGTERM)
     ray = ray_not_connected           # the controller inits its own
     held = Resources()

@@ -125,6 +125,19 @@ def _check_cluster(cfg: JobConfig, bad: Bad) -> None:
         _check_aws(cfg, bad)
     if c.gpus_per_node > 0 and c.gpu_memory_gb <= 0:
         bad("cluster.gpu_memory_gb", "set the accelerator memory so the plan can check that the model fits")
+    if not c.ray_address:
+        _check_local_ports(cfg, bad)
+
+
+def _check_local_ports(cfg: JobConfig, bad: Bad) -> None:
+    """The local head's ports and the endpoint's share 127.0.0.1: one port each."""
+    seen: dict[int, str] = {}
+    for path, port in (("cluster.head_port", cfg.cluster.head_port),
+                       ("cluster.dashboard_port", cfg.cluster.dashboard_port),
+                       ("serve.port", cfg.serve.port)):
+        if port in seen:
+            bad(path, f"port {port} is already {seen[port]}: give each its own port")
+        seen.setdefault(port, path)
 
 
 def _check_aws(cfg: JobConfig, bad: Bad) -> None:

@@ -20,6 +20,7 @@ mode); the token is what keeps them closed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -102,9 +103,20 @@ def enable_token_auth_in_process() -> None:
 
 def free_local_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_local_ports(1)[0]
+
+
+def free_local_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 right now. All are held until all are chosen:
+    two separate `free_local_port()` calls may return the same port (the kernel may hand out a
+    port again as soon as it is released), and Ray refuses a head whose components share one."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -192,7 +204,7 @@ class LocalHead:
                f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
                # Ray's default agent port (52365) is taken by any other Ray on this host, and an
                # agent without its HTTP server leaves the job server unable to take jobs.
-               f"--dashboard-agent-listen-port={free_local_port()}",
+               f"--dashboard-agent-listen-port={self._free_agent_port()}",
                f"--temp-dir={self._temp}", "--disable-usage-stats"]
         if self.client_port is not None:
             cmd.append(f"--ray-client-server-port={self.client_port}")
@@ -211,6 +223,11 @@ class LocalHead:
             raise
         log.info("Ray head started at %s (dashboard %s)", self.address, self.dashboard_url)
         return self
+
+    def _free_agent_port(self) -> int:
+        """A free port none of the head's own ports can take: they are not bound yet."""
+        taken = {self.port, self.dashboard_port, self.client_port}
+        return next(p for p in free_local_ports(len(taken) + 1) if p not in taken)
 
     def _wait_ready(self, timeout_s: float, proc: subprocess.Popen | None = None,
                     log_path: Path | None = None) -> None:

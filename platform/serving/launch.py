@@ -43,6 +43,7 @@ log = logging.getLogger("platform.serving")
 
 APP_NAME = "dbrx"
 READY_TIMEOUT_S = 60.0
+PORT_RELEASE_TIMEOUT_S = 30.0
 # Ray decides when it is imported whether a local instance may grow into a cluster (its processes
 # listen on every interface) or stays on this machine (127.0.0.1); "0" says the latter.
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -58,6 +59,8 @@ class Serving:
     app_name: str
     model: str
     source: ModelSource
+    host: str                        # where Serve's HTTP proxy listens (serve.host, serve.port)
+    port: int
     started: Optional[str] = None    # LOCAL_RAY or CLUSTER_CONNECTION; None: the caller's Ray
 
     @property
@@ -74,7 +77,8 @@ class Serving:
         """Stop serving and what start_serving started: the application first (its replicas finish
         the requests in flight), then a local Ray instance with everything in it, or Serve on the
         cluster it connected to. `serve.shutdown()` is skipped where Ray stops anyway: Ray reports
-        its wait on the controller, which ends by killing itself, as a failed task."""
+        its wait on the controller, which ends by killing itself, as a failed task. A local
+        instance's endpoint port is free again when this returns."""
         import ray
 
         self.stop()
@@ -82,6 +86,8 @@ class Serving:
             stop_serving()
         if self.started is not None:
             ray.shutdown()
+        if self.started == LOCAL_RAY:   # the proxy ran on this machine
+            _wait_port_free(self.host, self.port)
 
 
 def model_source(cfg: JobConfig, *, alias: Optional[str] = None, version: Optional[str | int] = None,
@@ -162,7 +168,8 @@ def start_serving(cfg: JobConfig, *, alias: Optional[str] = None, version: Optio
         serve.run(app, name=app_name, route_prefix="/", blocking=False)
         url_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
         url_host = f"[{url_host}]" if ":" in url_host else url_host
-        serving = Serving(f"http://{url_host}:{s.port}/v1", app_name, source.name, source, started)
+        serving = Serving(f"http://{url_host}:{s.port}/v1", app_name, source.name, source,
+                          s.host, s.port, started)
         _wait_ready(serving)
     except BaseException:
         if started is not None:
@@ -278,15 +285,35 @@ def _serve_running() -> bool:
         return False
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _bind_error(host: str, port: int) -> Optional[OSError]:
+    """Why serving on host:port would fail now (None: it is free)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise UserError(f"cannot serve on {host}:{port}: {exc.strerror}; set serve.port to a free "
-                            "port (or serve.host)") from None
+            return exc
+    return None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    exc = _bind_error(host, port)
+    if exc is not None:
+        raise UserError(f"cannot serve on {host}:{port}: {exc.strerror}; set serve.port to a free "
+                        "port (or serve.host)")
+
+
+def _wait_port_free(host: str, port: int, timeout_s: float = PORT_RELEASE_TIMEOUT_S) -> None:
+    """Until host:port can be bound again: Serve's HTTP proxy is a Ray worker that outlives
+    `ray.shutdown()` by a moment, and an endpoint that says it stopped leaves its port free
+    (the next `start_serving` on it would be refused)."""
+    deadline = time.monotonic() + timeout_s
+    while _bind_error(host, port) is not None:
+        if time.monotonic() > deadline:
+            log.warning("port %s:%s is still taken %.0f s after the endpoint stopped", host, port, timeout_s)
+            return
+        time.sleep(0.2)
 
 
 def _wait_ready(serving: Serving) -> None:
