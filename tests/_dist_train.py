@@ -46,10 +46,11 @@ class Job:
     """One rank of a tiny expert-parallel DeepSpeed job over gloo."""
 
     def __init__(self, rank: int, world: int, port: int, zero_stage: int) -> None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if not dist.is_initialized():   # one process group serves every job of the process
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                              WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", rank=rank, world_size=world)
         from platform.layout import layout_for
         from platform.train.engine import build_job_engine
         from platform.train.worker import build_model
@@ -118,22 +119,29 @@ def _exit() -> None:
     os._exit(0)
 
 
-def run(rank: int, world: int, port: int, zero_stage: int, load_from: str, save_to: str,
-        steps: int, losses_out: str) -> None:
-    """Build the engine at `world` workers, optionally resume from the checkpoint store
-    `load_from`, train `steps`, save into the store `save_to`, record losses."""
+def run(rank: int, world: int, port: int, runs: list[dict]) -> None:
+    """Jobs at `world` workers, one after the other in these processes (process start-up,
+    torch and DeepSpeed imports, is most of a tiny job's cost). Each run: build the engine at
+    ZeRO stage `zero`, optionally resume from the checkpoint store `load`, train `steps`,
+    save into the store `save` after `save_at` of them (default: all), record the losses
+    in `losses`."""
     from platform.train.checkpointing import resume
 
-    job = Job(rank, world, port, zero_stage)
-    start = 0
-    if load_from:
-        start = resume(CheckpointStore(load_from), job.eng, job.model, rank=rank, world_size=world).step
-    losses = job.train(start, start + steps)
-    if save_to:
-        job.checkpointer(CheckpointStore(save_to), async_save=False).save(
-            start + steps, consumed_sequences=(start + steps) * GLOBAL_BATCH, extra={})
-    if rank == 0 and losses_out:
-        Path(losses_out).write_text(json.dumps(losses))
+    for spec in runs:
+        job = Job(rank, world, port, spec["zero"])
+        start = 0
+        if spec.get("load"):
+            start = resume(CheckpointStore(spec["load"]), job.eng, job.model, rank=rank,
+                           world_size=world).step
+        steps = spec.get("steps", 0)
+        save_at = start + spec.get("save_at", steps)
+        losses = job.train(start, save_at)
+        if spec.get("save"):
+            job.checkpointer(CheckpointStore(spec["save"]), async_save=False).save(
+                save_at, consumed_sequences=save_at * GLOBAL_BATCH, extra={})
+        losses += job.train(save_at, start + steps)
+        if rank == 0 and spec.get("losses"):
+            Path(spec["losses"]).write_text(json.dumps(losses))
     _exit()
 
 

@@ -15,9 +15,12 @@ from platform.checkpoint.trainer_state import read_trainer_state, state_tensors
 from platform.provision.head import free_local_port as _port
 
 
-def _run(world, zero, *, load="", save="", steps=0, losses=""):
-    mp.spawn(_dist_train.run, args=(world, _port(), zero, str(load), str(save), steps, str(losses)),
-             nprocs=world, join=True)
+ZEROS = (0, 1, 2)
+
+
+def _run(world: int, runs: list[dict]) -> None:
+    runs = [{k: str(v) if isinstance(v, Path) else v for k, v in spec.items()} for spec in runs]
+    mp.spawn(_dist_train.run, args=(world, _port(), runs), nprocs=world, join=True)
 
 
 def _latest(root: Path) -> Path:
@@ -29,16 +32,32 @@ def _stored_keys(directory: Path) -> set[str]:
     return {k for name in read_trainer_state(directory).tensor_sets for k in read_tensor_index(directory, name)}
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2])
-def test_expert_parallel_matches_one_process_and_reshards_exactly(tmp_path, zero, monkeypatch):
-    builds = tmp_path / "torch_extensions"          # where DeepSpeed would JIT-compile its ops
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(builds))
-    _run(1, zero, save=tmp_path / "one", steps=2)
-    _run(2, zero, save=tmp_path / "two", steps=2)     # experts split in two (EP=2) over gloo
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every multi-process job of this file, in three spawns (one process, two, one again:
+    start-up is most of a tiny job's cost), with DeepSpeed's JIT build folder watched."""
+    root = tmp_path_factory.mktemp("train_state")
+    one = [{"zero": z, "save": root / "one" / str(z), "steps": 2} for z in ZEROS]
+    two = [{"zero": z, "save": root / "two" / str(z), "steps": 2} for z in ZEROS]    # EP=2 over gloo
+    # two workers train 7 steps and save after 2; one worker resumes there for the other 5
+    two.append({"zero": 1, "save": root / "resume", "save_at": 2, "steps": 7, "losses": root / "two.json"})
+    back = [{"zero": z, "load": root / "two" / str(z), "save": root / "back" / str(z)} for z in ZEROS]
+    back.append({"zero": 1, "load": root / "resume", "steps": 5, "losses": root / "one.json"})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))
+        _run(1, one)
+        _run(2, two)
+        _run(1, back)      # EP=2 checkpoints loaded on 1 worker
+    return root
+
+
+@pytest.mark.parametrize("zero", ZEROS)
+def test_expert_parallel_matches_one_process_and_reshards_exactly(trained, zero):
     # nothing compiled: DeepSpeed's CPU shm inference kernel is not built for training
+    builds = trained / "torch_extensions"
     assert not list(builds.rglob("*.so")), list(builds.rglob("*"))
-    two = _latest(tmp_path / "two")
-    a, b = state_tensors(_latest(tmp_path / "one")), state_tensors(two)
+    two = _latest(trained / "two" / str(zero))
+    a, b = state_tensors(_latest(trained / "one" / str(zero))), state_tensors(two)
     assert a.keys() == b.keys()
     assert any("::exp_avg" in k for k in a) and any(".expert0003" in k for k in a)
     assert any(".rows" in k for k in _stored_keys(two))   # dense state in row ranges
@@ -46,8 +65,7 @@ def test_expert_parallel_matches_one_process_and_reshards_exactly(tmp_path, zero
     for key in a:  # weights and Adam moments after two steps, routing skewed to few experts
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
 
-    _run(1, zero, load=tmp_path / "two", save=tmp_path / "back", steps=0)   # EP=2 loaded on 1 worker
-    back = _latest(tmp_path / "back")
+    back = _latest(trained / "back" / str(zero))
     c = state_tensors(back)
     for key in b:
         assert torch.equal(c[key], b[key]), key
@@ -55,15 +73,11 @@ def test_expert_parallel_matches_one_process_and_reshards_exactly(tmp_path, zero
     assert (state.step, state.expert_parallel, state.world_size) == (2, 1, 1)
 
 
-def test_resume_on_fewer_workers_continues_the_same_losses(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    _run(2, 1, save=ckpt, steps=2)
-    _run(2, 1, load=ckpt, steps=5, losses=tmp_path / "two.json")
-    _run(1, 1, load=ckpt, steps=5, losses=tmp_path / "one.json")
-    two = json.loads((tmp_path / "two.json").read_text())
-    one = json.loads((tmp_path / "one.json").read_text())
-    assert len(one) == len(two) == 5
-    for l1, l2 in zip(one, two):
+def test_resume_on_fewer_workers_continues_the_same_losses(trained):
+    two = json.loads((trained / "two.json").read_text())
+    one = json.loads((trained / "one.json").read_text())
+    assert len(two) == 7 and len(one) == 5
+    for l1, l2 in zip(one, two[2:]):       # steps 3..7: resumed on one worker, and never stopped
         assert abs(l1 - l2) / abs(l2) < 1e-3
 
 

@@ -12,6 +12,7 @@ groups are split with DeepSpeed's own `split_params_into_different_moe_groups_fo
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,24 @@ import torch
 if TYPE_CHECKING:  # type names only: the engine itself needs no job config (bench/gpu_check.py)
     from platform.config.schema import JobConfig
     from platform.layout import Layout
+
+
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import its autotuner makes whenever MLflow is
+    installed (2.2 of the 4.6 CPU-seconds `import deepspeed` takes; every worker and every rank
+    pays it at start). The autotuner is not used here, and a rank that reports no metrics never
+    needs MLflow. Until this returns, `import mlflow` fails: call it before the process starts
+    threads that may import MLflow (the engine is built before the metrics sink)."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # the autotuner's import fails; it copes
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if sys.modules.get("mlflow", False) is None:
+                del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
 
 
 def lr_at(cfg: "JobConfig", step: int, total_steps: int) -> float:
@@ -134,6 +153,7 @@ def _skip_shm_inference_kernel() -> None:
     availability from `deepspeed.ops.__compatible_ops__`, a dict kept for edits like this one;
     on GPU accelerators there is no such op and this changes nothing.
     """
+    import_deepspeed()
     import deepspeed.ops
 
     compatible = deepspeed.ops.__compatible_ops__
@@ -147,8 +167,9 @@ def expert_parallel_group(ep_size: int):
     With DeepSpeed's default ordering, ranks [0..ep) split one copy of the
     experts, [ep..2ep) the next copy, and so on.
     """
-    import deepspeed
     import torch.distributed as dist
+
+    deepspeed = import_deepspeed()
     from deepspeed.utils import groups
 
     if not deepspeed.comm.is_initialized():  # adopt the process group Ray Train made
@@ -195,7 +216,7 @@ class Engine:
 def build_engine(spec: EngineSpec, model: torch.nn.Module, *, num_experts: int,
                  expert_parallel: int) -> Engine:
     """DeepSpeed around `model` (already on its device), experts split `expert_parallel` ways."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if expert_parallel > 1:  # at degree 1 experts are ordinary replicated weights
         model.add_module("_deepspeed_experts_marker", _expert_marker(num_experts, expert_parallel))

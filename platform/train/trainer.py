@@ -68,6 +68,10 @@ def run_training(cfg: JobConfig, *, run_id: Optional[str], data_path: str, total
     # Read by Ray Train's controller (propagated from this process): a worker group that
     # cannot be placed in time is given up and sized again from the live nodes.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c.worker_start_timeout_s)
+    # Ray Train's preemption watcher (an actor per worker group) reads node drains issued through
+    # Ray's own autoscaler; this platform's nodes come from Terraform and announce preemption by
+    # the provider's notice (platform.provision.preemption), so it would watch for nothing.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     lo, hi = worker_count_range(cfg)
     resources: Dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.gpus_per_node == 0:
