@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _e2e import wait_for
 from platform.config import JobConfig, TrackingConfig
 from platform.config.schema import CheckpointConfig, ClusterConfig, DataConfig, DataSource, ServeConfig
 from platform.tracking import (
@@ -295,16 +296,23 @@ def test_a_deleted_run_stops_tracking_but_never_training(cfg, caplog):
     assert sum("is deleted or missing" in m and run_id in m for m in messages) == 1
 
 
+def _wait_until_unreachable(tracker) -> None:
+    """Until the logger's first send to a dead server has failed (its first send also imports
+    MLflow's client: seconds on a loaded 2-core machine)."""
+    wait_for(lambda: not tracker.stats()["reachable"], 60, "the first send to fail", poll=0.05)
+
+
 def test_buffer_stays_bounded_while_mlflow_is_down(caplog):
     port = dead_port()
     cfg = JobConfig(name="j", tracking=TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}",
                                                       artifact_location=""))
     tracker = MetricsLogger(cfg, "0" * 32, capacity=1000, interval_s=0.05, max_backoff_s=0.2)
-    slowest = 0.0
-    for step in range(2500):
+    slowest = timed(tracker.log_metrics, {"loss": 0.0}, 0)
+    _wait_until_unreachable(tracker)                      # the first send has failed
+    for step in range(1, 2500):
         slowest = max(slowest, timed(tracker.log_metrics, {"loss": float(step)}, step))
         if step % 500 == 0:
-            time.sleep(0.2)                               # let the sender fail meanwhile
+            time.sleep(0.2)                               # let the sender retry meanwhile
     stats = tracker.stats()
     assert slowest < 0.05
     assert not stats["reachable"]
@@ -318,6 +326,47 @@ def test_buffer_stays_bounded_while_mlflow_is_down(caplog):
     assert sum("unreachable" in m for m in messages) == 1
     assert sum("buffer is full" in m for m in messages) == 1
     assert any("did not receive" in m for m in messages)
+
+
+def _step_stats(loss: float):
+    import torch
+
+    from platform.train.step import StepStats
+
+    return StepStats(loss=loss, lm_loss=loss, lb_loss=0.0, z_loss=0.0, grad_norm=1.0,
+                     expert_counts=torch.ones(2, 4))
+
+
+def test_a_checkpoint_is_taken_only_once_its_steps_metrics_are_in_mlflow(cfg):
+    """The steps up to a committed checkpoint are never trained again: a metric still waiting
+    for the logger's next batch when a worker dies would be missing from the run for good."""
+    from platform.train.metrics import MetricsSink
+
+    run_id = start_or_resume_run(cfg)
+    tracker = MetricsLogger(cfg, run_id, interval_s=60)   # a batch goes at most once a minute
+    sink = MetricsSink(cfg, total_steps=10, logger=tracker)
+    rates = dict(lr=1e-3, tokens_per_s=1.0, mfu=0.1, data_wait_s=0.0, mixture={})
+    sink.step(1, _step_stats(2.0), **rates)
+    assert tracker.flush(30)
+    sink.step(2, _step_stats(1.5), **rates)               # waits for the next batch ...
+    sink.before_checkpoint(2)                             # ... unless a checkpoint is coming
+    history = mlflow_client(cfg).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.5)]
+    assert tracker.close()
+
+
+def test_a_checkpoint_does_not_wait_on_an_mlflow_outage():
+    from platform.train.metrics import MetricsSink
+
+    cfg = JobConfig(name="j", tracking=TrackingConfig(tracking_uri=f"http://127.0.0.1:{dead_port()}",
+                                                      artifact_location=""))
+    tracker = MetricsLogger(cfg, "0" * 32, interval_s=0.05, max_backoff_s=0.2)
+    sink = MetricsSink(cfg, total_steps=10, logger=tracker)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    _wait_until_unreachable(tracker)
+    assert timed(sink.before_checkpoint, 1) < 0.5
+    assert tracker.stats()["queued_metrics"] + tracker.stats()["inflight_metrics"] == 1   # kept
+    tracker.close(timeout=1)
 
 
 # --- expert-load heatmaps -------------------------------------------------------------

@@ -85,10 +85,12 @@ class MetricsLogger:
         self._run = MlflowRun(resolve(cfg.tracking), run_id)
         self._staging = tempfile.mkdtemp(prefix="dbrx-mlflow-")
         self._events = EventLog(self._run, self._staging)
+        if max_backoff_s is None:
+            max_backoff_s = cfg.tracking.max_retry_s
         self._outbox = Outbox(self._run, name=f"mlflow-logger-{run_id[:8]}", capacity=capacity,
                               max_records=max_records, full_batch=MAX_METRICS_PER_BATCH,
                               interval_s=interval_s, min_backoff_s=min_backoff_s,
-                              max_backoff_s=cfg.tracking.max_retry_s if max_backoff_s is None else max_backoff_s)
+                              max_backoff_s=max_backoff_s)
         self._dropped_reported = 0
         self._last_step = 0
         self._warned: set = set()
@@ -218,6 +220,12 @@ class MetricsLogger:
         Blocking by design: for the end of training and for tests, not every step.
         """
         return self._outbox.flush(timeout)
+
+    def deliver_now(self, timeout: float = 5.0) -> bool:
+        """Send what is queued without waiting for the batching interval, and wait up to
+        `timeout` s for it to arrive; while MLflow is unreachable, return False at once
+        (the records stay buffered and retried, and the caller does not wait on an outage)."""
+        return self._outbox.reachable and self._outbox.flush(timeout)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Deliver what is queued (waiting at most `timeout` s), stop the thread, and say

@@ -19,6 +19,8 @@ from platform.train.step import StepStats
 
 log = logging.getLogger("platform.train")
 
+CHECKPOINT_DELIVERY_S = 5.0   # the longest a checkpoint waits for its steps' metrics to arrive
+
 
 class NullSink:
     """A non-reporting rank's sink."""
@@ -27,6 +29,7 @@ class NullSink:
     def step(self, step: int, stats: StepStats, *, lr: float, tokens_per_s: float, mfu: float,
              data_wait_s: float, mixture: dict[str, int]) -> None: ...
     def evaluated(self, step: int, eval_loss: float) -> None: ...
+    def before_checkpoint(self, step: int) -> None: ...
     def checkpointed(self, step: int, stall_s: float, preempted: bool) -> None: ...
     def checkpoint_done(self, report: SaveReport) -> None: ...
     def close(self) -> None: ...
@@ -111,6 +114,14 @@ class MetricsSink(NullSink):
         self._log({"eval_loss": eval_loss}, step)
         if self.progress is not None:
             self.progress.report_eval.remote(eval_loss)
+
+    def before_checkpoint(self, step: int) -> None:
+        """The steps up to a checkpoint are never trained again once it is committed: their
+        metrics reach MLflow before it is taken, or a worker that dies after the commit but
+        within the logger's batching interval would leave a hole in the curves for good.
+        While MLflow is unreachable nothing waits (the points stay buffered)."""
+        if self.logger is not None and not self.logger.deliver_now(CHECKPOINT_DELIVERY_S):
+            log.info("metrics up to step %d not yet in MLflow when its checkpoint was taken", step)
 
     def checkpointed(self, step: int, stall_s: float, preempted: bool) -> None:
         """A checkpoint of `step` was taken; training waited `stall_s` for it (the write goes on)."""

@@ -161,6 +161,7 @@ def train_worker(args: WorkerArgs) -> None:
                     metrics.evaluated(done, eval_loss)
             preempted = any_rank(preempt.pending())
             if checkpoint_policy.should_checkpoint(done, preempted):
+                metrics.before_checkpoint(done)
                 stall = saver.save(done, consumed_sequences=done * cfg.train.global_batch_size,
                                    extra={"run_id": args.run_id or "", "loss": stats.loss,
                                           "eval_loss": eval_loss, "data_cache_key": data.cache_key})
