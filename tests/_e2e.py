@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from _mlflow_server import free_port
+from platform.provision.head import free_local_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "conf" / "local_tiny.yaml"
@@ -30,7 +30,8 @@ class Job:
     def __init__(self, home: Path, *overrides: str, name: str = "e2e",
                  tracking_uri: Optional[str] = None) -> None:
         self.home, self.name = Path(home), name
-        self.ports = [f"cluster.head_port={free_port()}", f"cluster.dashboard_port={free_port()}"]
+        head, dashboard = free_local_ports(2)
+        self.ports = [f"cluster.head_port={head}", f"cluster.dashboard_port={dashboard}"]
         self.tracking_uri = tracking_uri or f"sqlite:///{self.home}/mlflow.db"
         tracking = ([f"tracking.tracking_uri={tracking_uri}", "tracking.artifact_location="]
                     if tracking_uri else [])
@@ -38,6 +39,7 @@ class Job:
                           *overrides]
         self.log = self.home / f"submit-{int(time.time() * 1000)}.log"
         self.proc: Optional[subprocess.Popen] = None
+        self._run_id: Optional[str] = None   # found once: a resubmission resumes the same run
 
     @property
     def env(self) -> dict:
@@ -90,6 +92,8 @@ class Job:
 
     def find_run(self):
         """The job's MLflow run, or None before the job has created it."""
+        if self._run_id is not None:
+            return self.mlflow().get_run(self._run_id)
         # Open the store only once the job has created it (its "MLflow" line is
         # printed after that), or we race the job's own schema migration.
         if not self.log.exists() or not re.search(r"^MLflow (UI|run)", self.output(), re.M):
@@ -98,7 +102,18 @@ class Job:
         runs = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             filter_string=f"tags.`dbrx.job_name` = '{self.name}'", order_by=["start_time DESC"])
-        return runs[0] if runs else None
+        if not runs:
+            return None
+        self._run_id = runs[0].info.run_id
+        return runs[0]
+
+    def points(self, key: str) -> list:
+        """Every point logged for `key` (step, value, timestamp), in logging order ([] before
+        the run exists). The tests poll this every half second: one request once the run is known."""
+        if self._run_id is None and self.find_run() is None:
+            return []
+        history = self.mlflow().get_metric_history(self._run_id, key)
+        return sorted(history, key=lambda m: (m.timestamp, m.step))
 
     def run_info(self):
         run = self.find_run()
@@ -107,34 +122,19 @@ class Job:
 
     def metric(self, key: str) -> dict[int, float]:
         """step -> value (the last logged value of each step: a resumed run re-logs steps)."""
-        run = self.find_run()
-        if run is None:
-            return {}
-        history = self.mlflow().get_metric_history(run.info.run_id, key)
-        out: dict[int, float] = {}
-        for m in sorted(history, key=lambda m: (m.timestamp, m.step)):
-            out[m.step] = m.value
-        return out
+        return {m.step: m.value for m in self.points(key)}
 
     def losses(self) -> dict[int, list[float]]:
         """step -> every loss logged for it, in logging order (a resumed run re-trains the
         steps after its checkpoint and logs them again)."""
-        run = self.find_run()
         out: dict[int, list[float]] = {}
-        if run is None:
-            return out
-        for m in sorted(self.mlflow().get_metric_history(run.info.run_id, "loss"),
-                        key=lambda m: m.timestamp):
+        for m in self.points("loss"):
             out.setdefault(m.step, []).append(m.value)
         return out
 
     def history(self, key: str) -> list[float]:
         """Every logged value of `key`, in the order it was logged."""
-        run = self.find_run()
-        if run is None:
-            return []
-        return [m.value for m in sorted(self.mlflow().get_metric_history(run.info.run_id, key),
-                                        key=lambda m: m.timestamp)]
+        return [m.value for m in self.points(key)]
 
     def checkpoint_dir(self) -> Path:
         return self.home / "checkpoints" / self.name
