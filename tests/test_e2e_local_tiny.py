@@ -36,9 +36,10 @@ def _cluster_processes(job: Job) -> list[str]:
 
 def test_local_tiny_learns_and_leaves_nothing_running(tmp_path):
     job = Job(tmp_path / "home", name="local-tiny")
-    # The product's bound is 15 minutes alone on 2 cores (~8.5 measured); the test allows 20, as
-    # the fault jobs run beside it on the other pytest worker.
-    rc = job.run(timeout=1200)
+    # The product's bound is 15 minutes alone on 2 cores (6.4-8.5 measured); the test allows 30,
+    # as the fault jobs run beside it on the other pytest worker and a 2-core machine's speed
+    # varies (18 minutes of training beside them on a slow day, 11-13 on a usual one).
+    rc = job.run(timeout=1800)
     out = job.output()
     assert rc == 0, out[-5000:]
     assert "dashboard: http://127.0.0.1:" in out and "MLflow" in out
