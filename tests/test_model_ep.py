@@ -9,7 +9,6 @@ checkpointing, with DeepSpeed's own expert-parallel group passed in.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 from model.config import DBRXConfig
 from model.dbrx import DBRX
 from model.moe import DroplessMoE, expert_group_name
+from platform.provision.head import free_local_port
 
 torch.set_num_threads(min(2, torch.get_num_threads()))   # never above the suite-wide cap
 WORLD = 2
@@ -34,12 +34,6 @@ MODEL_CFG = DBRXConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidd
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Within TOL, relative to the tensor's scale once it exceeds 1 (fp32 sums of ~100 terms)."""
     return (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scenarios() -> dict[str, dict]:
@@ -169,7 +163,7 @@ def ep_results(tmp_path_factory):
     payload["generate"] = _generate_inputs(full)
     payload["hf_dir"] = os.path.join(results, "hf")
     full.to_hf(payload["hf_dir"])
-    mp.spawn(_worker, args=(_free_port(), payload, results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_local_port(), payload, results), nprocs=WORLD, join=True)
     ranks = [torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     return payload, ranks, results
 
