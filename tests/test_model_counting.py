@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,28 @@ def test_planner_imports_stay_torch_free():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at its top or inside a function (lazy imports count)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_model_imports_nothing_from_the_platform_and_hf_only_its_config():
+    """model/ is a library the platform uses, never the reverse; model.hf maps names and
+    configs only, so DBRX, generate and hf import each other in one direction (they once
+    formed a cycle held together by lazy imports)."""
+    for path in sorted((REPO / "model").glob("*.py")):
+        platform = {m for m in _imported_modules(path) if m.split(".")[0] == "platform"}
+        assert not platform, (path.name, platform)
+    own = {m for m in _imported_modules(REPO / "model" / "hf.py") if m.split(".")[0] == "model"}
+    assert own == {"model.config"}, own
 
 
 def test_lazy_exports_resolve():
